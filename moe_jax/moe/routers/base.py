@@ -1,0 +1,240 @@
+"""Shared types and helpers of every router.
+
+Dimension legend: T tokens, D model width, E routed FFN experts, E' router
+output width (E plus special slots), K slots per token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+Array = jax.Array
+Params = Mapping[str, Array]
+
+# The renormalisation epsilon of the LM stack (algorithms.md §0).
+RENORM_EPS = 1e-20
+
+
+@struct.dataclass
+class RouterOutput:
+  """What a router decided for each token.
+
+  Attributes:
+    expert_index: [T, K] int32 FFN expert of each slot, or E (the sentinel)
+      for slots that need no FFN compute (TC-MoE null slots, MoE++ zero /
+      copy / constant slots, inactive HyperRouter or ReMoE slots). Dispatch
+      gives sentinel slots no rows.
+    weight: [T, K] float32 combine weight of each slot; may be negative
+      (TC-MoE signs) or zero (null / masked slots).
+    choice: [T, K] int32 selected id in the router's output space [0, E'),
+      or -1 for an inactive slot. Balance losses and statistics count these.
+    probs: [T, E'] float32 the scores the balance loss averages (softmax,
+      normalised sigmoid, ...), each row summing to 1.
+    logits: [T, E'] float32 raw router logits (z-loss, entropy losses, MoE++
+      gating residual).
+    balance_eta: [E'] float32 per-slot weight of the balance loss (MoE++
+      heterogeneous loss; ones elsewhere).
+    special: algorithm-specific per-token arrays evaluated by the layer
+      (MoE++: `copy_weight` [T], `const_weight` [T, n_const]).
+    stats: algorithm-specific statistics (ReMoE overflow, ...), scalars.
+  """
+
+  expert_index: Array
+  weight: Array
+  choice: Array
+  probs: Array
+  logits: Array
+  balance_eta: Array
+  special: dict = struct.field(default_factory=dict)
+  stats: dict = struct.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class RouterConfig:
+  """Every option of every router; each router reads the fields it needs.
+
+  Defaults are LibMoE's LM stack (algorithms.md §2.1) unless noted.
+  """
+
+  # Routed FFN experts E.
+  num_experts: int
+  # Slots per token k (experts per token).
+  top_k: int
+  # Model width d.
+  d_model: int
+  # Std of the router weight init ('normal'); LM: sqrt(2/L)/sqrt(d), VLM: 0.02.
+  init_std: float = 0.02
+  # Router weight init: 'normal' | 'renorm_keep_std' (Csordás) |
+  # 'torch_default' (v1.1 U(-1/sqrt(d), 1/sqrt(d)) for W and b; D10b parity).
+  router_init: str = 'normal'
+  # Renormalise the top-k weights to sum to 1 (sigmoid router; §3.2).
+  normalize_topk: bool = True
+  # Noise before top-k in training: 'none' | 'noisy_topk' (Shazeer et al. 2017).
+  noise: str = 'none'
+  # Probability of dropping a (token, expert) score before top-k in training.
+  expert_dropout: float = 0.0
+  # Softmax temperature: XMoE tau (0.3), cosine tau (0.2).
+  temperature: float = 1.0
+  # XMoE low-rank dimension; None means E // 2 (LibMoE).
+  xmoe_dim: int | None = None
+  # XMoE expert-embedding init: 'orthogonal' (LM, gain 0.32) | 'normal' (VLM).
+  xmoe_embed_init: str = 'orthogonal'
+  # Norm every XMoE expert embedding is projected to after each update.
+  xmoe_embed_norm: float = 1.5
+  # Perturbed cosine norm offsets theta_x, theta_w (§3.5).
+  cosine_theta: float = 0.1
+  # HyperRouter hypernetwork hidden width; None means d // 4.
+  hyper_hidden: int | None = None
+  # HyperRouter k schedule (k_min, k_max); top_k must equal k_max.
+  hyper_k_min: int = 1
+  # Steps over which HyperRouter's k grows from k_min to top_k.
+  total_steps: int = 1
+  # DeepSeek-V3 expert groups and groups kept (1 / 1 = no group limit).
+  n_group: int = 1
+  topk_group: int = 1
+  # DeepSeek-V3 scale of the routed weights (LibMoE never applied 2.5).
+  routed_scaling_factor: float = 1.0
+  # DeepSeek-V3 aux-loss-free bias update rate gamma; 0 disables the bias.
+  bias_update_rate: float = 0.0
+  # MoE++ zero-computation experts.
+  n_zero: int = 1
+  n_copy: int = 1
+  n_const: int = 6
+  # MoE++ router depth 1 (linear) or 2 (Linear-Tanh-Linear).
+  router_depth: int = 1
+  # MoE++ gating residual from the previous MoE layer's logits.
+  gate_residual: bool = True
+  # MoE++ weight of selected zero experts: 'drop' (reference) | 'keep' (LibMoE VLM).
+  zero_weight_mode: str = 'drop'
+  # MoE++ heterogeneous balance weight tau of zero-computation experts.
+  hetero_tau: float = 0.75
+  # TC-MoE null slots (None means top_k) and logit offsets.
+  num_null: int | None = None
+  tc_neg_offset: float = -1.0
+  tc_null_offset: float = -10.0
+  # ReMoE slot budget per token; None means min(2k, E).
+  remoe_max_active: int | None = None
+  # LibMoE parity flags (algorithms.md §5); all off by default.
+  parity: Mapping[str, bool] = dataclasses.field(default_factory=dict)
+
+  def flag(self, name: str) -> bool:
+    return bool(self.parity.get(name, False))
+
+
+PARITY_FLAGS = frozenset({
+    'xmoe_double_softmax',   # D2
+    'bias_on_probs',         # D10 (cosine routers)
+    'group_mask_zero',       # D6b
+    'tc_global_counts',      # D7
+    'remoe_libmoe',          # D8
+    'moepp_mul_topk',        # MoE++ reference x k input scaling
+    'vlm_loss_on_softmax',   # D9 / D5b VLM originals
+})
+
+
+@dataclasses.dataclass(frozen=True)
+class RouterSpec:
+  """A registered routing algorithm.
+
+  init(key, cfg) -> (params, state): trainable params, non-trainable state.
+  route(params, state, x[T, D], cfg, *, step, rng, train, prev_logits)
+    -> RouterOutput.
+  output_width(cfg) -> E'.
+  default_losses: names of the losses this algorithm trains with.
+  post_update(params, state, stats, cfg) -> (params, state): the update the
+    train step applies after the optimiser (DeepSeek-V3 bias, XMoE norms).
+  """
+
+  init: Callable[..., tuple[dict, dict]]
+  route: Callable[..., RouterOutput]
+  output_width: Callable[[RouterConfig], int]
+  default_losses: tuple[str, ...]
+  post_update: Callable[..., tuple[dict, dict]] | None = None
+
+
+def router_weight_init(key: Array, cfg: RouterConfig, width: int) -> dict:
+  """Router weight `w` [D, width] (and bias `b` [width]) per `cfg.router_init`."""
+  d = cfg.d_model
+  if cfg.router_init == 'normal':
+    w = cfg.init_std * jax.random.normal(key, (d, width), jnp.float32)
+    return {'w': w}
+  if cfg.router_init == 'renorm_keep_std':
+    # Csordás' renorm_keep_std: every expert row to unit norm, then rescale the
+    # matrix to its pre-normalisation std, so all rows share one norm.
+    w = cfg.init_std * jax.random.normal(key, (d, width), jnp.float32)
+    std = jnp.std(w)
+    w = w / jnp.linalg.norm(w, axis=0, keepdims=True)
+    return {'w': w * std / jnp.std(w)}
+  if cfg.router_init == 'torch_default':
+    # PyTorch nn.Linear default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), bias too.
+    bound = 1.0 / math.sqrt(d)
+    kw, kb = jax.random.split(key)
+    return {
+        'w': jax.random.uniform(kw, (d, width), jnp.float32, -bound, bound),
+        'b': jax.random.uniform(kb, (width,), jnp.float32, -bound, bound),
+    }
+  raise ValueError(
+      f"router_init must be 'normal', 'renorm_keep_std' or 'torch_default', "
+      f'got {cfg.router_init!r}')
+
+
+def linear_logits(params: Params, x: Array) -> Array:
+  """z = x W (+ b) in float32: x [T, D] -> [T, width]."""
+  z = jnp.einsum('td,de->te', x.astype(jnp.float32), params['w'])
+  if 'b' in params:
+    z = z + params['b']
+  return z
+
+
+def add_training_noise(z: Array, params: Params, x: Array, cfg: RouterConfig,
+                       rng: Array | None, train: bool) -> Array:
+  """Noisy top-k (Shazeer et al. 2017, eq. 4): z + N(0,1) softplus(x W_noise)."""
+  if cfg.noise == 'none' or not train:
+    return z
+  if rng is None:
+    raise ValueError("noise='noisy_topk' needs an rng in training")
+  scale = jax.nn.softplus(
+      jnp.einsum('td,de->te', x.astype(jnp.float32), params['w_noise']))
+  return z + jax.random.normal(rng, z.shape, z.dtype) * scale
+
+
+def drop_experts(scores: Array, cfg: RouterConfig, rng: Array | None,
+                 train: bool) -> Array:
+  """σ-MoE expert dropout: each (token, expert) score -> -inf with prob p."""
+  if cfg.expert_dropout == 0.0 or not train:
+    return scores
+  if rng is None:
+    raise ValueError('expert_dropout > 0 needs an rng in training')
+  drop = jax.random.bernoulli(rng, cfg.expert_dropout, scores.shape)
+  return jnp.where(drop, -jnp.inf, scores)
+
+
+def renormalise(values: Array, axis: int = -1) -> Array:
+  """g_j = v_j / (sum v + 1e-20), the LM stack's renorm (§0)."""
+  return values / (jnp.sum(values, axis=axis, keepdims=True) + RENORM_EPS)
+
+
+def ones_eta(width: int) -> Array:
+  return jnp.ones((width,), jnp.float32)
+
+
+def plain_output(index: Array, weight: Array, probs: Array,
+                 logits: Array, **extra: Any) -> RouterOutput:
+  """RouterOutput of a router whose selected slots are all FFN experts."""
+  index = index.astype(jnp.int32)
+  return RouterOutput(
+      expert_index=index, weight=weight.astype(jnp.float32), choice=index,
+      probs=probs, logits=logits, balance_eta=ones_eta(probs.shape[-1]),
+      **extra)
+
+
+def split_rng(rng: Array | None, n: int) -> list[Array | None]:
+  if rng is None:
+    return [None] * n
+  return list(jax.random.split(rng, n))
