@@ -84,14 +84,17 @@ def plan(expert_index: Array, num_experts: int, row_alignment: int = 1,
                        padded.astype(jnp.int32), sizes.astype(jnp.int32))
 
 
-def _pad_row(a: Array) -> Array:
-  """Appends one zero row, the target of out-of-range indices."""
-  return jnp.concatenate([a, jnp.zeros((1,) + a.shape[1:], a.dtype)])
+def _take_rows(a: Array, index: Array) -> Array:
+  """a[index] along axis 0, with 0 for out-of-range indices (padding, sentinels).
+
+  mode='fill' avoids concatenating a zero row, which would copy all of `a`.
+  """
+  return jnp.take(a, index, axis=0, mode='fill', fill_value=0)
 
 
 @jax.custom_vjp
 def _gather_rows(x, token_of_row, row_of_slot):
-  return _pad_row(x)[token_of_row]
+  return _take_rows(x, token_of_row)
 
 
 def _gather_rows_fwd(x, token_of_row, row_of_slot):
@@ -101,7 +104,7 @@ def _gather_rows_fwd(x, token_of_row, row_of_slot):
 def _gather_rows_bwd(res, d_rows):
   token_of_row, row_of_slot = res
   # Each token's gradient is the sum of its K rows: a gather, not a scatter.
-  dx = jnp.sum(_pad_row(d_rows)[row_of_slot], axis=1)            # [T, D]
+  dx = jnp.sum(_take_rows(d_rows, row_of_slot), axis=1)            # [T, D]
   return dx, None, None
 
 
@@ -115,7 +118,7 @@ def dispatch(x: Array, state: DispatchState) -> Array:
 
 @jax.custom_vjp
 def _combine(rows, weight, row_of_slot, token_of_row, slot_of_row):
-  slot_out = _pad_row(rows)[row_of_slot]                         # [T, K, D]
+  slot_out = _take_rows(rows, row_of_slot)                         # [T, K, D]
   return jnp.einsum('tkd,tk->td', slot_out, weight.astype(rows.dtype))
 
 
@@ -128,10 +131,10 @@ def _combine_bwd(res, dy):
   rows, weight, row_of_slot, token_of_row, slot_of_row = res
   dy = dy.astype(rows.dtype)
   # d rows[r] = w[slot(r)] * dy[token(r)]; padding rows read the zero pads.
-  w_of_row = _pad_row(weight.reshape(-1))[slot_of_row]           # [R]
-  d_rows = _pad_row(dy)[token_of_row] * w_of_row[:, None].astype(rows.dtype)
+  w_of_row = _take_rows(weight.reshape(-1), slot_of_row)           # [R]
+  d_rows = _take_rows(dy, token_of_row) * w_of_row[:, None].astype(rows.dtype)
   # d w[t, k] = <dy[t], rows[row(t, k)]>.
-  slot_out = _pad_row(rows)[row_of_slot]                         # [T, K, D]
+  slot_out = _take_rows(rows, row_of_slot)                         # [T, K, D]
   d_weight = jnp.einsum('tkd,td->tk', slot_out, dy).astype(weight.dtype)
   return d_rows, d_weight, None, None, None
 

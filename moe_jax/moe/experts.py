@@ -43,6 +43,9 @@ class Backend:
   gmm: Callable[[Array, Array, Array], Array]
   row_alignment: int = 1
   row_multiple: int = 1
+  # Optional fused FFN ffn(params, rows, group_sizes, activation=...) -> rows;
+  # without it the FFN is composed from two gmm calls.
+  ffn: Callable[..., Array] | None = None
 
 
 def gmm_loop(x: Array, w: Array, group_sizes: Array) -> Array:
@@ -65,8 +68,8 @@ def gmm_ragged_dot(x: Array, w: Array, group_sizes: Array) -> Array:
 
 # Block size and blocks per iteration of the blocked backend, tuned on the
 # 154M layer shape on 2 CPU cores (python -m moe_jax.bench.layer --sweep).
-BLOCK_ROWS = 64
-BLOCKS_PER_STEP = 4
+BLOCK_ROWS = 128
+BLOCKS_PER_STEP = 2
 
 BACKENDS: dict[str, Backend] = {
     'loop': Backend(gmm_loop),
@@ -74,7 +77,9 @@ BACKENDS: dict[str, Backend] = {
     'blocked': Backend(
         functools.partial(blocked_gmm.gmm_blocked, block_rows=BLOCK_ROWS,
                           blocks_per_step=BLOCKS_PER_STEP),
-        row_alignment=BLOCK_ROWS, row_multiple=BLOCKS_PER_STEP),
+        row_alignment=BLOCK_ROWS, row_multiple=BLOCKS_PER_STEP,
+        ffn=functools.partial(blocked_gmm.ffn_blocked, block_rows=BLOCK_ROWS,
+                              blocks_per_step=BLOCKS_PER_STEP)),
 }
 
 
@@ -133,6 +138,8 @@ def grouped_ffn(params: dict, rows: Array, group_sizes: Array, *,
   Returns:
     [R, D]; rows outside every group hold junk the combine never reads.
   """
+  if backend.ffn is not None:
+    return backend.ffn(params, rows, group_sizes, activation=activation)
   h = backend.gmm(rows, params['w_in'].astype(rows.dtype), group_sizes)
   owner = None
   if 'b_in' in params:

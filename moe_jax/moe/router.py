@@ -91,7 +91,8 @@ def make_config(router: str, **options: Any) -> RouterConfig:
     _check(getattr(cfg, name) >= 0, name, 'a value >= 0', getattr(cfg, name))
   _check(cfg.expert_dropout < 1, 'expert_dropout', 'a value in [0, 1)',
          cfg.expert_dropout)
-  _check(cfg.temperature > 0, 'temperature', 'a value > 0', cfg.temperature)
+  _check(cfg.temperature is None or cfg.temperature > 0, 'temperature',
+         'None (the router default) or a value > 0', cfg.temperature)
   width = ROUTERS[router].output_width(cfg)
   if router == 'remoe':
     _check(num_slots(router, cfg) <= e, 'remoe_max_active',
@@ -144,13 +145,16 @@ class Router(nn.Module):
     # collection so the optimiser never sees it.
     init_fn = lambda key: spec.init(key, self.config)
     self.router_params = self.param('router', lambda k: init_fn(k)[0])
+    # Stateless routers get no 'router_state' entry, so callers may apply
+    # them with params alone.
+    has_state = bool(jax.eval_shape(init_fn, jax.random.key(0))[1])
     self.state = self.variable(
         'router_state', 'router',
-        lambda: init_fn(self.make_rng('params'))[1]
-        if self.is_initializing() else {})
+        lambda: init_fn(self.make_rng('params'))[1]) if has_state else None
 
   def __call__(self, x, *, step=0, train=False, prev_logits=None,
                rng=None) -> RouterOutput:
+    state = self.state.value if self.state is not None else {}
     return ROUTERS[self.name_].route(
-        self.router_params, self.state.value, x, self.config, step=step,
+        self.router_params, state, x, self.config, step=step,
         rng=rng, train=train, prev_logits=prev_logits)

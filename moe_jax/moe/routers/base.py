@@ -79,8 +79,9 @@ class RouterConfig:
   noise: str = 'none'
   # Probability of dropping a (token, expert) score before top-k in training.
   expert_dropout: float = 0.0
-  # Softmax temperature: XMoE tau (0.3), cosine tau (0.2).
-  temperature: float = 1.0
+  # Softmax temperature; None means the router's default: XMoE tau = 0.3
+  # (§3.3), cosine / perturbed cosine tau = 0.2 (§3.4-3.5).
+  temperature: float | None = None
   # XMoE low-rank dimension; None means E // 2 (LibMoE).
   xmoe_dim: int | None = None
   # XMoE expert-embedding init: 'orthogonal' (LM, gain 0.32) | 'normal' (VLM).

@@ -21,6 +21,16 @@ import jax.numpy as jnp
 from moe_jax.moe.routers import base
 
 
+# Default temperatures (algorithms.md §3.3, §3.4): XMoE's fixed tau = 0.3
+# (LibMoE) and the cosine routers' tau = 0.2 (same logit scale, 1/0.2 = 1.5/0.3).
+XMOE_TEMPERATURE = 0.3
+COSINE_TEMPERATURE = 0.2
+
+
+def temperature(cfg: base.RouterConfig, default: float) -> float:
+  return cfg.temperature if cfg.temperature is not None else default
+
+
 # ----------------------------------------------------------------- XMoE ---
 
 def xmoe_dim(cfg: base.RouterConfig) -> int:
@@ -56,7 +66,7 @@ def route_xmoe(params, state, x, cfg: base.RouterConfig, *, step=0, rng=None,
   r = base.linear_logits(params, x)                            # [T, X]
   r_hat = r / jnp.maximum(jnp.linalg.norm(r, axis=-1, keepdims=True), 1e-4)
   s = jnp.einsum('tx,ex->te', r_hat, params['embed'])          # [T, E]
-  p = jax.nn.softmax(s / cfg.temperature, axis=-1)
+  p = jax.nn.softmax(s / temperature(cfg, XMOE_TEMPERATURE), axis=-1)
   if cfg.flag('xmoe_double_softmax'):
     p_sel = jax.nn.softmax(p, axis=-1)   # D2: LibMoE's second softmax.
   else:
@@ -95,14 +105,15 @@ def _cosine(x, w, theta: float | None):
 
 def _route_cosine_like(params, x, cfg, theta):
   cos = _cosine(x, params['w'], theta)
+  tau = temperature(cfg, COSINE_TEMPERATURE)
   bias = params['b']
   if cfg.flag('bias_on_probs'):
     # LibMoE v1.1 (D10): bias on the probabilities, softmax over selected p+b.
-    p = jax.nn.softmax(cos / cfg.temperature, axis=-1)
+    p = jax.nn.softmax(cos / tau, axis=-1)
     top, index = jax.lax.top_k(p + bias, cfg.top_k)
     return base.plain_output(index, jax.nn.softmax(top, -1), p,
-                             cos / cfg.temperature)
-  logits = cos / cfg.temperature + bias                        # [T, E]
+                             cos / tau)
+  logits = cos / tau + bias                        # [T, E]
   top, index = jax.lax.top_k(logits, cfg.top_k)
   return base.plain_output(index, jax.nn.softmax(top, axis=-1),
                            jax.nn.softmax(logits, axis=-1), logits)

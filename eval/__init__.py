@@ -1,0 +1,1 @@
+"""Evaluation: zero-shot LM benchmarks, scoring and router analysis."""

@@ -1,0 +1,1 @@
+"""Benchmark scripts: each prints figures (medians), none is a test."""
