@@ -144,7 +144,7 @@ class MoEBlock(nn.Module):
     params = experts_lib.FFNParams(
         self.num_experts, d, self.expert_width, self.activation,
         self.expert_bias, self.w_in_std, self.w_out_std, name='experts')()
-    metrics = metrics_lib.routing_stats(out)
+    metrics = metrics_lib.routing_stats(out, b)
     if self.capacity_factor is None:
       with jax.named_scope('dispatch'):
         plan = dispatch_lib.plan(out.expert_index, self.num_experts,

@@ -7,8 +7,10 @@ All are float32 scalars except `expert_counts` and `expert_load` ([E']).
   dead_experts      slots with no selection in this call.
   max_mean_load     max_e count / mean_e count (1 = balanced).
   load_cv           coefficient of variation of the counts.
-  routing_entropy   mean_t H(probs_t), nats (H_total of §9 where probs is the
-                    router's full output distribution).
+  routing_entropy   mean_t H(p_t), nats: H_total of §9, p the router's full
+                    output distribution as LibMoE logs it (`gate_softmax`).
+  allocation_entropy mean_b H(h_b / Σ h_b) / ln E', h_b the histogram of the
+                    top-1 choices (argmax p_t) over sequence b's tokens (§9).
   weight_entropy    mean_t H(|w_t| / Σ|w_t|) over the active slots, nats.
   router_margin     mean_t (w_(1) - w_(2)) of the sorted |weights| (K >= 2).
 
@@ -28,8 +30,14 @@ def _entropy(p):
                   axis=-1)
 
 
-def routing_stats(out: RouterOutput) -> dict:
+def routing_stats(out: RouterOutput, num_sequences: int = 1) -> dict:
+  """Statistics of T = B*S tokens; num_sequences B groups allocation entropy."""
   width = out.probs.shape[-1]
+  p = out.analysis_probs.astype(jnp.float32)                   # [T, E']
+  top1 = jax.nn.one_hot(jnp.argmax(p, axis=-1), width, dtype=jnp.float32)
+  hist = jnp.sum(top1.reshape(num_sequences, -1, width), axis=1)   # [B, E']
+  alloc = _entropy(hist / jnp.sum(hist, -1, keepdims=True))
+  alloc = alloc / jnp.log(width) if width > 1 else jnp.zeros_like(alloc)
   counts = jnp.sum(jax.nn.one_hot(out.choice, width, dtype=jnp.float32),
                    axis=(0, 1))                                # [E']
   total = jnp.maximum(jnp.sum(counts), 1.0)
@@ -42,7 +50,8 @@ def routing_stats(out: RouterOutput) -> dict:
       'dead_experts': jnp.sum(counts == 0).astype(jnp.float32),
       'max_mean_load': jnp.max(counts) / mean,
       'load_cv': jnp.std(counts) / mean,
-      'routing_entropy': jnp.mean(_entropy(out.probs.astype(jnp.float32))),
+      'routing_entropy': jnp.mean(_entropy(p)),
+      'allocation_entropy': jnp.mean(alloc),
       'weight_entropy': jnp.mean(_entropy(w_norm)),
   }
   if w.shape[-1] >= 2:

@@ -43,6 +43,9 @@ class RouterOutput:
     special: algorithm-specific per-token arrays evaluated by the layer
       (MoE++: `copy_weight` [T], `const_weight` [T, n_const]).
     stats: algorithm-specific statistics (ReMoE overflow, ...), scalars.
+    gate_softmax: [T, E'] the distribution LibMoE logs as `gate_softmax`
+      (softmax(z) for the sigmoid routers, whose `probs` is the normalised
+      sigmoid); None means `probs`. Analysis metrics (§9) read it.
   """
 
   expert_index: Array
@@ -53,6 +56,11 @@ class RouterOutput:
   balance_eta: Array
   special: dict = struct.field(default_factory=dict)
   stats: dict = struct.field(default_factory=dict)
+  gate_softmax: Array | None = None
+
+  @property
+  def analysis_probs(self) -> Array:
+    return self.probs if self.gate_softmax is None else self.gate_softmax
 
 
 @dataclasses.dataclass(frozen=True)

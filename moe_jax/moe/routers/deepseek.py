@@ -51,7 +51,8 @@ def route(params, state, x, cfg: base.RouterConfig, *, step=0, rng=None,
   _, index = jax.lax.top_k(biased, cfg.top_k)                  # [T, K]
   top = jnp.take_along_axis(s, index, axis=-1)                 # unbiased
   weight = base.renormalise(top) * cfg.routed_scaling_factor
-  return base.plain_output(index, weight, base.renormalise(s), z)
+  return base.plain_output(index, weight, base.renormalise(s), z,
+                           gate_softmax=jax.nn.softmax(z, axis=-1))
 
 
 def post_update(params, state, stats, cfg: base.RouterConfig):

@@ -64,7 +64,8 @@ def route_sigmoid(params, state, x, cfg: base.RouterConfig, *, step=0,
     probs = jax.nn.softmax(z, axis=-1)
   else:
     probs = base.renormalise(jax.nn.sigmoid(z))
-  return base.plain_output(index, weight, probs, z)
+  return base.plain_output(index, weight, probs, z,
+                           gate_softmax=jax.nn.softmax(z, axis=-1))
 
 
 def width(cfg):
