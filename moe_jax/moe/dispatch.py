@@ -132,10 +132,12 @@ def _combine_bwd(res, dy):
   dy = dy.astype(rows.dtype)
   # d rows[r] = w[slot(r)] * dy[token(r)]; padding rows read the zero pads.
   w_of_row = _take_rows(weight.reshape(-1), slot_of_row)           # [R]
-  d_rows = _take_rows(dy, token_of_row) * w_of_row[:, None].astype(rows.dtype)
-  # d w[t, k] = <dy[t], rows[row(t, k)]>.
-  slot_out = _take_rows(rows, row_of_slot)                         # [T, K, D]
-  d_weight = jnp.einsum('tkd,td->tk', slot_out, dy).astype(weight.dtype)
+  dy_rows = _take_rows(dy, token_of_row)                           # [R, D]
+  d_rows = dy_rows * w_of_row[:, None].astype(rows.dtype)
+  # d w[t, k] = <dy[t], rows[row(t, k)]>: one dot per row from the dy rows
+  # gathered above, then a gather of scalars (no second [T, K, D] gather).
+  dw_of_row = jnp.sum(dy_rows * rows, axis=-1, dtype=jnp.float32)  # [R]
+  d_weight = _take_rows(dw_of_row, row_of_slot).astype(weight.dtype)
   return d_rows, d_weight, None, None, None
 
 
