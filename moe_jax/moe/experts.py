@@ -7,8 +7,9 @@ Experts know nothing about routing: they see rows sorted by expert and the
 group sizes. The grouped matmul is chosen by one string:
   'loop'       reference: every expert over all rows, masked (O(E) work).
   'ragged_dot' jax.lax.ragged_dot.
-  'blocked'    block-sparse while-loop grouped matmul (blocked_gmm.py), the
-               fast XLA path on CPU.
+  'blocked'    block-sparse while-loop grouped matmul (blocked_gmm.py); the
+               layer runs its fused gather + FFN + combine, the fast XLA path
+               on CPU.
   'pallas'     the Pallas kernel (kernels_pallas), when installed.
 
 Dimension legend: R rows, D model width, F expert hidden width, E experts,
@@ -26,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from moe_jax.moe import blocked_gmm
+from moe_jax.moe import dispatch as dispatch_lib
 
 Array = jax.Array
 
@@ -43,9 +45,10 @@ class Backend:
   gmm: Callable[[Array, Array, Array], Array]
   row_alignment: int = 1
   row_multiple: int = 1
-  # Optional fused FFN ffn(params, rows, group_sizes, activation=...) -> rows;
-  # without it the FFN is composed from two gmm calls.
-  ffn: Callable[..., Array] | None = None
+  # Optional dispatch + FFN + combine in one op:
+  # moe_ffn(params, x [T, D], weight [T, K], token_of_row, slot_of_row,
+  #         row_of_slot, group_sizes, activation=...) -> y [T, D].
+  moe_ffn: Callable[..., Array] | None = None
 
 
 def gmm_loop(x: Array, w: Array, group_sizes: Array) -> Array:
@@ -78,8 +81,9 @@ BACKENDS: dict[str, Backend] = {
         functools.partial(blocked_gmm.gmm_blocked, block_rows=BLOCK_ROWS,
                           blocks_per_step=BLOCKS_PER_STEP),
         row_alignment=BLOCK_ROWS, row_multiple=BLOCKS_PER_STEP,
-        ffn=functools.partial(blocked_gmm.ffn_blocked, block_rows=BLOCK_ROWS,
-                              blocks_per_step=BLOCKS_PER_STEP)),
+        moe_ffn=functools.partial(
+            blocked_gmm.moe_ffn_blocked, block_rows=BLOCK_ROWS,
+            blocks_per_step=BLOCKS_PER_STEP)),
 }
 
 
@@ -138,8 +142,6 @@ def grouped_ffn(params: dict, rows: Array, group_sizes: Array, *,
   Returns:
     [R, D]; rows outside every group hold junk the combine never reads.
   """
-  if backend.ffn is not None:
-    return backend.ffn(params, rows, group_sizes, activation=activation)
   h = backend.gmm(rows, params['w_in'].astype(rows.dtype), group_sizes)
   owner = None
   if 'b_in' in params:
@@ -150,6 +152,25 @@ def grouped_ffn(params: dict, rows: Array, group_sizes: Array, *,
   if 'b_out' in params:
     y = y + params['b_out'][owner].astype(y.dtype)
   return y
+
+
+def routed_ffn(params: dict, x: Array, weight: Array,
+               plan: dispatch_lib.DispatchState, *, activation: str,
+               backend: Backend) -> Array:
+  """y[t] = Σ_k weight[t, k] FFN_{expert(t, k)}(x[t]) for a dispatch plan.
+
+  x [T, D], weight [T, K] -> [T, D]. Backends with a fused `moe_ffn` do the
+  gather, the FFN and the combine in one op; the others go through
+  dispatch.dispatch -> grouped_ffn -> dispatch.combine. Same result either way.
+  """
+  if backend.moe_ffn is not None:
+    return backend.moe_ffn(params, x, weight, plan.token_of_row,
+                           plan.slot_of_row, plan.row_of_slot,
+                           plan.group_sizes, activation=activation)
+  rows = dispatch_lib.dispatch(x, plan)                        # [R, D]
+  rows = grouped_ffn(params, rows, plan.group_sizes, activation=activation,
+                     backend=backend)
+  return dispatch_lib.combine(rows, weight, plan)
 
 
 def batched_ffn(params: dict, x: Array, *, activation: str) -> Array:

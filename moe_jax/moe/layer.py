@@ -149,13 +149,10 @@ class MoEBlock(nn.Module):
       with jax.named_scope('dispatch'):
         plan = dispatch_lib.plan(out.expert_index, self.num_experts,
                                  backend.row_alignment, backend.row_multiple)
-        rows = dispatch_lib.dispatch(expert_in, plan)          # [R, D]
       with jax.named_scope('experts'):
-        rows = experts_lib.grouped_ffn(params, rows, plan.group_sizes,
-                                       activation=self.activation,
-                                       backend=backend)
-      with jax.named_scope('combine'):
-        y = dispatch_lib.combine(rows, out.weight, plan)       # [T, D]
+        y = experts_lib.routed_ffn(params, expert_in, out.weight, plan,
+                                   activation=self.activation,
+                                   backend=backend)            # [T, D]
       metrics['dropped_slots'] = jnp.zeros((), jnp.float32)
     else:
       cap = dispatch_lib.plan_capacity(out.expert_index, out.weight,
