@@ -5,7 +5,8 @@ block size BM (dispatch's `row_alignment`), so each BM-row block belongs to one
 expert. `gmm_blocked` is the plain grouped matmul of the backend contract;
 `moe_ffn_blocked`, what the layer runs, fuses the dispatch gather, both expert
 matmuls and the weighted combine into one loop per pass, so no [R, D] array of
-dispatched rows is written (memory traffic, not FLOPs, dominates otherwise). A `while_loop` walks only the used blocks, G blocks per iteration, and
+dispatched rows is written (memory traffic, not FLOPs, dominates otherwise).
+A `while_loop` walks only the used blocks, G blocks per iteration, and
 multiplies each by its expert's weight: [G, BM, D] x [G, D, F]. It never
 materialises a dense [T, E, ...] expansion (ragged_dot on CPU does) nor a
 per-block copy of all weights (a plain batched einsum over blocks does), and
@@ -172,7 +173,8 @@ def _moe_ffn_fwd(params, x, weight, token_of_row, slot_of_row, row_of_slot,
   init = (jnp.zeros((nb // g, g, bm, d), x.dtype),
           jnp.zeros((nb // g, g, bm, f_in), jnp.float32))
   rows, h_pre = _loop(_steps(used, g), body, init)
-  y = dispatch.sum_slot_rows(rows.reshape(nb * bm, d), row_of_slot, weight)   # [T, D]
+  y = dispatch.sum_slot_rows(rows.reshape(nb * bm, d), row_of_slot,
+                             weight)                             # [T, D]
   res = (params, x, weight, token_of_row, slot_of_row, row_of_slot,
          expert_used, h_pre)
   return y, res
@@ -186,18 +188,20 @@ def _moe_ffn_bwd(g, activation, res, dy):
   bm = token_of_row.shape[0] // nb
   d = x.shape[-1]
   toks = token_of_row.reshape(nb // g, g, bm)
-  w_of_row = dispatch.take_rows(weight.reshape(-1), slot_of_row).reshape(nb // g, g, bm)
+  w_of_row = dispatch.take_rows(weight.reshape(-1), slot_of_row)
+  w_of_row = w_of_row.reshape(nb // g, g, bm)
   es = expert.reshape(nb // g, g)
   act = _act_fn(activation)
   w_in, w_out = params['w_in'], params['w_out']
 
   def body(i, grads):
     e, xb = es[i], dispatch.take_rows(x, toks[i])
-    dy_tok = dispatch.take_rows(dy, toks[i])                     # [G, BM, D] unweighted
+    dy_tok = dispatch.take_rows(dy, toks[i])       # [G, BM, D], unweighted
     w_row = w_of_row[i][..., None].astype(jnp.float32)
     h, act_vjp = jax.vjp(act, h_pre[i])
-    # dL/d(expert output) = w * dy; its W_out-projection serves both dh and
-    # the routing-weight gradient <dy, h W_out + b_out> = <dy W_outᵀ, h> + <dy, b_out>.
+    # dL/d(expert output) = w dy; the projection dy W_outᵀ serves both dh and
+    # the routing-weight gradient <dy, h W_out + b_out>
+    #   = <dy W_outᵀ, h> + <dy, b_out>.
     dh_unit = jnp.einsum('gbd,gfd->gbf', dy_tok, w_out[e].astype(dy_tok.dtype),
                          preferred_element_type=jnp.float32)
     dw_row = jnp.sum(dh_unit * h, axis=-1)                       # [G, BM]
@@ -233,7 +237,8 @@ def _moe_ffn_bwd(g, activation, res, dy):
   dw_row = grads.pop('w_row').reshape(nb * bm)
   # Dispatch's backward: each token sums its K rows' gradients (gathers).
   dx = dispatch.sum_slot_rows(d_rows, row_of_slot)
-  d_weight = dispatch.take_rows(dw_row, row_of_slot).astype(weight.dtype)       # [T, K]
+  d_weight = dispatch.take_rows(dw_row, row_of_slot)             # [T, K]
+  d_weight = d_weight.astype(weight.dtype)
   dparams = {k: grads[k].astype(params[k].dtype) for k in params}
   return dparams, dx, d_weight, None, None, None, None
 
