@@ -22,7 +22,6 @@ import time
 import jax
 import jax.numpy as jnp
 
-from moe_jax.moe import experts as experts_lib
 from moe_jax.moe import layer as layer_lib
 
 

@@ -20,7 +20,6 @@ C capacity.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax

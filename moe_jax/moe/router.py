@@ -12,12 +12,11 @@ Dimension legend: T tokens, D model width, E experts, E' router width, K slots.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
 
-from moe_jax.moe.routers import base
 from moe_jax.moe.routers import cosine
 from moe_jax.moe.routers import deepseek
 from moe_jax.moe.routers import hyper
@@ -75,7 +74,7 @@ def make_config(router: str, **options: Any) -> RouterConfig:
   _check(router in ROUTERS, 'router', f'one of {sorted(ROUTERS)}', router)
   fields = {f.name for f in dataclasses.fields(RouterConfig)}
   unknown = sorted(set(options) - fields)
-  _check(not unknown, 'router options', f'fields of RouterConfig', unknown)
+  _check(not unknown, 'router options', 'fields of RouterConfig', unknown)
   cfg = RouterConfig(**options)
   e, k = cfg.num_experts, cfg.top_k
   _check(e >= 1, 'num_experts', 'an integer >= 1', e)

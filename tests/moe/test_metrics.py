@@ -9,7 +9,6 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from moe_jax.moe import metrics
 from moe_jax.moe.routers.base import RouterOutput
