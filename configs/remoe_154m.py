@@ -1,0 +1,47 @@
+r"""ReMoE (ReLU routing, adaptive L1) at LibMoE's 154M LM setting.
+
+Command:
+  python -m moe_jax.main --config=configs/remoe_154m.py --workdir=/tmp/remoe_154m
+CPU quickstart (a few minutes on 2 cores, built-in synthetic corpus):
+  python -m moe_jax.main --config=configs/remoe_154m.py:tiny --workdir=/tmp/remoe_154m_tiny
+
+Hardware: one 80 GB GPU (H100); LibMoE ran 4 GPUs x 16 sequences. The mesh
+  data axis takes every device; if a step does not fit, add
+  --config.train.grad_accum=4.
+  Point --config.data.train_path / eval_path at the SlimPajama parquet shards.
+Runtime: not measured yet (100k steps of 65,536 tokens).
+Expected: unknown (LibMoE has no working LM ReMoE, D8).
+  The :tiny run: unknown.
+Paper: Wang, Zhu, Chen, "ReMoE: fully differentiable mixture-of-experts with
+  ReLU routing", ICLR 2025 (arXiv 2412.14711); algorithms.md §3.11.
+Parameters: 157,934,400 trainable (LibMoE: about 157.9M).
+
+Arguments (`:key=value,...`):
+  tiny: the CPU-sized model and run (synthetic data, float32, backend
+    'blocked').
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+from moe_jax import config_lib
+
+
+def get_config(arg=None):
+  args = config_lib.parse_arg(arg, tiny=False)
+  config = config_lib.base_config('remoe', '154m', args)
+  # Slots per token for the active experts; None means min(2k, E). Overflow
+  # is reported as remoe_overflow_frac / remoe_dropped_mass.
+  config.moe.router_options.remoe_max_active = config_dict.placeholder(int)
+  # Load-balanced L1 on R = ReLU(z); the train loop multiplies it by the
+  # adaptive lambda below (so its coefficient stays 1).
+  config_lib.set_losses(config, {'remoe_l1': 1.0})
+  # Adaptive lambda, one scalar for all layers, updated once per step from the
+  # step's zero fraction S: lambda *= alpha if S < 1 - k/E, else lambda /= alpha
+  # (thu-ml/ReMoE; no clamp).
+  config.loss.remoe = ml_collections.ConfigDict()
+  # Initial lambda (ReMoE moe_relu_l1_reg_coeff_init).
+  config.loss.remoe.lambda0 = 1e-8
+  # Multiplier alpha (ReMoE moe_relu_l1_reg_coeff_multiplier).
+  config.loss.remoe.alpha = 1.2
+  return config

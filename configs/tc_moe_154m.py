@@ -1,0 +1,39 @@
+r"""TC-MoE (ternary expert choice) at LibMoE's 154M LM setting.
+
+Command:
+  python -m moe_jax.main --config=configs/tc_moe_154m.py --workdir=/tmp/tc_moe_154m
+CPU quickstart (a few minutes on 2 cores, built-in synthetic corpus):
+  python -m moe_jax.main --config=configs/tc_moe_154m.py:tiny --workdir=/tmp/tc_moe_154m_tiny
+
+Hardware: one 80 GB GPU (H100); LibMoE ran 4 GPUs x 16 sequences. The mesh
+  data axis takes every device; if a step does not fit, add
+  --config.train.grad_accum=4.
+  Point --config.data.train_path / eval_path at the SlimPajama parquet shards.
+Runtime: not measured yet (100k steps of 65,536 tokens).
+Expected: unknown (LibMoE's LM TC-MoE crashes, D7/D7b; its paper numbers are not
+  in the repository).
+  The :tiny run: unknown.
+Paper: Yan et al., "TC-MoE: augmenting mixture of experts with ternary expert
+  choice", ICLR 2025 (code: stiger1000/TC-MoE); algorithms.md §3.10.
+Parameters: 158,540,608 trainable (LibMoE: about 157.9M).
+
+Arguments (`:key=value,...`):
+  tiny: the CPU-sized model and run (synthetic data, float32, backend
+    'blocked').
+"""
+
+from moe_jax import config_lib
+
+
+def get_config(arg=None):
+  args = config_lib.parse_arg(arg, tiny=False)
+  config = config_lib.base_config('tc_moe', '154m', args)
+  # Null slots of the router (width 2E + num_null); LibMoE: num_null = k.
+  config.moe.router_options.num_null = config.moe.get_ref('top_k') * 1
+  # Logit offsets of the negative copies and of the null slots.
+  config.moe.router_options.tc_neg_offset = -1.0
+  config.moe.router_options.tc_null_offset = -10.0
+  # Balance over both signs with per-sequence counts x E (alpha 0.01), and the
+  # null-slot reward -mean null mass at LibMoE's 1e-5 (model card: 0).
+  config_lib.set_losses(config, {'tc_balance': 0.01, 'tc_reward': 1e-5})
+  return config
