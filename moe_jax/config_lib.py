@@ -267,6 +267,9 @@ def _train_config(p: dict, tiny: bool) -> ConfigDict:
   train.checkpoint_every = p['checkpoint_every']
   # Most recent checkpoints kept (the best by validation loss is kept too).
   train.keep = p['keep']
+  # Stop this process after this optimiser step (0: run to train.steps); the
+  # schedule still follows train.steps. For time-sliced jobs and resume tests.
+  train.halt_at_step = 0
   return train
 
 
@@ -281,6 +284,13 @@ def _data_config(p: dict, tiny: bool, seq_len_ref) -> ConfigDict:
   data.eval_path = '' if tiny else 'data/SlimPajama-627B/validation'
   # TFDS dataset name for source 'tfds' (e.g. 'c4/en:3.0.1').
   data.tfds_name = ''
+  # TFDS data_dir ('' : TFDS's default, ~/tensorflow_datasets).
+  data.tfds_data_dir = ''
+  # TFDS splits of training and validation text.
+  data.tfds_train_split = 'train'
+  data.tfds_eval_split = 'validation'
+  # Documents of plain-text files: 'file' | 'line' | 'paragraph'.
+  data.doc_mode = 'file'
   # Text field of JSON-lines / Parquet records.
   data.text_field = 'text'
   # Literal text appended to every document (LibMoE: plain text, not a token).
@@ -295,6 +305,21 @@ def _data_config(p: dict, tiny: bool, seq_len_ref) -> ConfigDict:
   data.shuffle_seed = 123
   # Tokens per window minus one; tied to train.seq_len.
   data.seq_len = seq_len_ref
+  # Cap on training-stream tokens (LibMoE tokenises steps x batch x (S+1)
+  # plus 100 steps); None: the whole source.
+  data.max_tokens = config_dict.placeholder(int)
+  # Cap on validation-source tokens; None: all of eval_path.
+  data.max_valid_tokens = config_dict.placeholder(int)
+  # Token cache directory; '' means <workdir>/cache.
+  data.cache_dir = ''
+  # Built-in corpus for source 'synthetic' (SyntheticSource kwargs).
+  data.synthetic = ConfigDict()
+  # Documents in the corpus.
+  data.synthetic.num_docs = 4000
+  # Generated domains (1..6): arithmetic, animals, reversed, records, ...
+  data.synthetic.num_domains = 4
+  # Corpus seed.
+  data.synthetic.seed = 0
   return data
 
 
@@ -584,6 +609,8 @@ def validate(config: ConfigDict, num_devices: int | None = None) -> None:
         train.seq_len)
   _need(train.dtype in DTYPES, 'train.dtype', f'one of {DTYPES}',
         train.dtype)
+  _need(0 <= train.halt_at_step <= train.steps, 'train.halt_at_step',
+        f'in [0, train.steps={train.steps}]', train.halt_at_step)
   for name in ('log_every', 'eval_every', 'eval_batches', 'checkpoint_every',
                'keep'):
     _need(train[name] >= 1, f'train.{name}', 'an integer >= 1', train[name])

@@ -1,0 +1,50 @@
+"""Entry point: python -m moe_jax.main --config=configs/smoe_154m.py --workdir=DIR.
+
+Fields are overridden with --config.<field>=<value> (ml_collections config
+flags), e.g. --config.train.steps=1000 --config.moe.backend=blocked. The run
+resumes from the newest checkpoint in the workdir.
+"""
+
+from __future__ import annotations
+
+import logging as py_logging
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Experiment config file: configs/<router>_<size>.py[:arg].',
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    'workdir', None, 'Run directory: config.json, metrics.jsonl, tensorboard/, '
+    'checkpoints/. An existing run there is resumed.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+class _QuietLibraries(py_logging.Filter):
+  """Drops INFO chatter of orbax and grain (each save logs ~20 lines)."""
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    noisy = ('/orbax/' in record.pathname or '/grain/' in record.pathname)
+    return record.levelno >= py_logging.WARNING or not noisy
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  # Imported here so --help is fast and JAX starts after flag parsing.
+  from moe_jax import train  # pylint: disable=g-import-not-at-top
+  logging.set_verbosity(logging.INFO)
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  try:
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except train.TrainingDiverged as e:
+    logging.error('%s', e)
+    sys.exit(3)
+
+
+if __name__ == '__main__':
+  app.run(main)
