@@ -666,3 +666,21 @@ def build_model(config: ConfigDict) -> model_lib.TransformerLM:
   return model_lib.TransformerLM(
       **config.model.to_dict(), ffn=ffn_kwargs(config),
       dtype=jnp.dtype(config.train.dtype))
+
+
+def load_config(spec: str) -> ConfigDict:
+  """`path/to/file.py[:arg]` -> that file's get_config(arg), as the flag does.
+
+  For scripts and notebooks outside `main.py` (which uses config flags).
+  """
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  path, _, arg = spec.partition(':')
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'config file {path!r} does not exist (expected '
+                            'configs/<router>_<size>.py[:arg])')
+  name = os.path.splitext(os.path.basename(path))[0]
+  module_spec = importlib.util.spec_from_file_location(f'configs.{name}', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)

@@ -1,0 +1,164 @@
+"""End-to-end runs of `python -m moe_jax.main` on the tiny SMoE config.
+
+Every run is its own process, as a user's would be. One uninterrupted run is
+the reference; the others are stopped (halt_at_step), killed (SIGKILL),
+damaged (a truncated checkpoint file, a leftover partial save) or made to
+diverge, then resumed, and their per-step float32 losses must equal the
+reference's exactly.
+"""
+
+import glob
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from moe_jax import run_log
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+STEPS = 40
+# A short tiny run: every step logged, checkpoints every 10, evals every 20.
+OVERRIDES = (f'--config.train.steps={STEPS}', '--config.train.log_every=1',
+             '--config.train.checkpoint_every=10',
+             '--config.train.eval_every=20', '--config.train.keep=2',
+             '--config.data.synthetic.num_docs=600')
+
+
+def command(workdir, *extra):
+  return [sys.executable, '-m', 'moe_jax.main',
+          '--config=configs/smoe_154m.py:tiny', f'--workdir={workdir}',
+          *OVERRIDES, *extra]
+
+
+def environment(cache_dir):
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
+             # Later processes reuse the first one's compiled steps.
+             JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+  env.pop('XLA_FLAGS', None)
+  return env
+
+
+@pytest.fixture(scope='module')
+def runner(tmp_path_factory):
+  root = tmp_path_factory.mktemp('main')
+  env = environment(root / 'jax_cache')
+
+  def run(workdir, *extra, expect_rc=0):
+    proc = subprocess.run(command(workdir, *extra), cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == expect_rc, proc.stderr[-3000:]
+    return proc
+
+  run.root, run.env = root, env
+  return run
+
+
+@pytest.fixture(scope='module')
+def reference(runner):
+  """The uninterrupted run; later runs share its tokenizer and token cache."""
+  workdir = runner.root / 'reference'
+  proc = runner(workdir)
+  shared = (f'--config.data.tokenizer={workdir}/tokenizer_bpe512.model',
+            f'--config.data.cache_dir={workdir}/cache')
+  return workdir, proc, shared
+
+
+def losses(workdir):
+  frame = run_log.read_metrics(str(workdir))
+  return frame['step'].to_numpy(), frame['loss'].to_numpy()
+
+
+def test_tiny_run_trains_and_writes_its_workdir(reference):
+  workdir, proc, _ = reference
+  for name in ('config.json', 'metrics.jsonl', 'tokenizer_bpe512.model'):
+    assert (workdir / name).is_file(), name
+  assert glob.glob(str(workdir / 'tensorboard' / 'events.out.tfevents.*'))
+  # keep=2 latest (30, 40); 40 also has the best validation loss here.
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['30', '40']
+  steps, values = losses(workdir)
+  np.testing.assert_array_equal(steps, np.arange(1, STEPS + 1))
+  # ln(512) = 6.24 at the start; the synthetic corpus is learnable.
+  assert values[0] > 6.0
+  assert values[-5:].mean() < values[0] - 1.5
+  valid = run_log.read_metrics(str(workdir), 'valid')
+  assert list(valid['step']) == [20, 40]
+  assert valid['loss'].iloc[-1] < valid['loss'].iloc[0]
+  assert f'step {STEPS}/{STEPS}' in proc.stderr and 'tok/s' in proc.stderr
+
+
+def test_resume_in_a_new_process_is_exact(runner, reference):
+  ref_dir, _, shared = reference
+  workdir = runner.root / 'halted'
+  runner(workdir, *shared, '--config.train.halt_at_step=20')
+  steps, _ = losses(workdir)
+  assert steps.max() == 20
+  second = runner(workdir, *shared)
+  assert 'resumed from checkpoint 20' in second.stderr
+  np.testing.assert_array_equal(losses(workdir)[1], losses(ref_dir)[1])
+
+
+def test_sigkill_during_training_resumes_from_last_complete_checkpoint(
+    runner, reference):
+  ref_dir, _, shared = reference
+  workdir = runner.root / 'killed'
+  proc = subprocess.Popen(command(workdir, *shared), cwd=REPO,
+                          env=runner.env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  while not (workdir / 'checkpoints' / '10').is_dir():
+    assert proc.poll() is None, 'the run ended before its first checkpoint'
+    assert time.time() < deadline
+    time.sleep(0.01)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert proc.returncode == -signal.SIGKILL
+  complete = sorted(int(d) for d in os.listdir(workdir / 'checkpoints')
+                    if d.isdigit())
+  assert complete and complete[-1] < STEPS
+  # A save cut short leaves only an orbax temporary directory.
+  partial = workdir / 'checkpoints' / f'{STEPS}.orbax-checkpoint-tmp-1'
+  shutil.copytree(workdir / 'checkpoints' / str(complete[-1]), partial)
+  resumed = runner(workdir, *shared)
+  assert f'resumed from checkpoint {complete[-1]}' in resumed.stderr
+  np.testing.assert_array_equal(losses(workdir)[1], losses(ref_dir)[1])
+
+
+def test_corrupt_checkpoint_is_set_aside_loudly(runner, reference):
+  ref_dir, _, shared = reference
+  workdir = runner.root / 'corrupt'
+  shutil.copytree(ref_dir, workdir, ignore=shutil.ignore_patterns('cache'))
+  data_files = glob.glob(str(workdir / 'checkpoints' / '40' / 'state' / '**'
+                             / 'd' / '*'), recursive=True)
+  assert data_files
+  for path in data_files:
+    with open(path, 'r+b') as f:
+      f.truncate(8)
+  proc = runner(workdir, *shared)
+  assert 'checkpoint 40' in proc.stderr
+  assert 'could not be restored' in proc.stderr
+  assert 'resumed from checkpoint 30' in proc.stderr
+  assert glob.glob(str(workdir / 'checkpoints' / '40.corrupt-*'))
+  # Steps 31..40 were trained again, identically.
+  np.testing.assert_array_equal(losses(workdir)[1], losses(ref_dir)[1])
+
+
+def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(
+    runner, reference):
+  _, _, shared = reference
+  workdir = runner.root / 'diverged'
+  # Warmup from lr 0: step 1 changes nothing, step 2 takes lr 1e30 / 3 and
+  # overflows the parameters.
+  proc = runner(workdir, *shared, '--config.train.learning_rate=1e30',
+                '--config.train.warmup_steps=3',
+                '--config.train.checkpoint_every=1', expect_rc=3)
+  assert 'at step 2: training stopped' in proc.stderr
+  assert 'last good checkpoint is step 1' in proc.stderr
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['1']
