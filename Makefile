@@ -13,8 +13,13 @@ $(STAMP): setup.cfg pyproject.toml
 	$(VENV)/bin/pip install -e '.[test]'
 	touch $@
 
+# The user's main command on the CPU-sized config (a few minutes, no files
+# needed); a second `make run` resumes / finishes the same workdir.
+CONFIG  ?= configs/smoe_154m.py:tiny
+WORKDIR ?= runs/smoe_154m_tiny
+
 run: .venv
-	$(VENV)/bin/python -m moe_jax.bench.layer
+	$(VENV)/bin/python -m moe_jax.main --config=$(CONFIG) --workdir=$(WORKDIR)
 
 test: .venv
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)

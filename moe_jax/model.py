@@ -56,6 +56,20 @@ def scaled_truncated_normal(num_layers: int):
   return init
 
 
+def layer_norm(name: str) -> nn.LayerNorm:
+  """float32 LayerNorm with logically named ('embed') scale and bias."""
+  return nn.LayerNorm(
+      dtype=jnp.float32, name=name,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ('embed',)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros,
+                                             ('embed',)))
+
+
+def constrain(x, names):
+  """Logical sharding constraint (a no-op outside a mesh + rules context)."""
+  return nn.with_logical_constraint(x, names)
+
+
 class Attention(nn.Module):
   """Causal MHA with partial RoPE: x [B, S, D] -> [B, S, D]."""
 
@@ -95,7 +109,7 @@ class DecoderLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x, positions, *, train, step, prev_logits):
-    ln = lambda name: nn.LayerNorm(dtype=jnp.float32, name=name)
+    ln = lambda name: layer_norm(name)
     x = x + Attention(self.num_heads, self.head_dim, self.num_layers,
                       dtype=self.dtype, name='attention')(ln('ln1')(x),
                                                           positions)
@@ -129,6 +143,7 @@ class TransformerLM(nn.Module):
             nn.initializers.normal(1.0 / math.sqrt(self.d_model)),
             ('vocab', 'embed')), (self.vocab_size, self.d_model))
     x = jnp.take(embed, tokens, axis=0).astype(self.dtype)      # [B, S, D]
+    x = constrain(x, ('batch', 'seq', 'embed'))
     positions = jnp.broadcast_to(jnp.arange(s), (b, s))
     auxes, prev_logits = [], None
     for i in range(self.num_layers):
@@ -137,11 +152,14 @@ class TransformerLM(nn.Module):
                             name=f'layer_{i}')(x, positions, train=train,
                                                step=step,
                                                prev_logits=prev_logits)
+      x = constrain(x, ('batch', 'seq', 'embed'))
       prev_logits = aux.get('router_logits')
       auxes.append(aux)
-    x = nn.LayerNorm(dtype=jnp.float32, name='ln_final')(x)
+    x = layer_norm('ln_final')(x)
     logits = nn.Dense(self.vocab_size, dtype=jnp.float32, name='output',
                       kernel_init=nn.with_logical_partitioning(
                           scaled_truncated_normal(self.num_layers),
-                          ('embed', 'vocab')))(x)
-    return logits, auxes
+                          ('embed', 'vocab')),
+                      bias_init=nn.with_logical_partitioning(
+                          nn.initializers.zeros, ('vocab',)))(x)
+    return constrain(logits, ('batch', 'seq', 'vocab')), auxes

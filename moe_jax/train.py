@@ -490,6 +490,8 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
 
   mesh = sharding_lib.make_mesh(config.mesh)
   rules = sharding_lib.logical_rules(config.mesh)
+  logging.info('mesh: %s over %d %s devices', dict(mesh.shape),
+               jax.device_count(), jax.devices()[0].platform)
   pipeline = build_data(config, workdir)
   logging.info('data: %s', pipeline.summary())
 
@@ -513,7 +515,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
       os.path.join(workdir, 'checkpoints'), keep=train_cfg.keep)
   restored = checkpoints.restore_latest(abstract_state)
   if restored is None:
-    with mesh:
+    with mesh, nn.logical_axis_rules(rules):
       state = jax.jit(lambda k: nn.unbox(init_fn(k)),
                       out_shardings=state_shardings)(key)
     data_state = None
@@ -550,7 +552,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
       local = next(train_iter)
       batch = sharding_lib.global_batch(
           {k: local[k] for k in ('inputs', 'targets')}, batch_sharding)
-      with mesh:
+      with mesh, nn.logical_axis_rules(rules):
         state, metrics = step_fn(state, batch)
       step += 1
       pending.append((step, metrics))
@@ -583,7 +585,8 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
       valid_loss = None
       if pipeline.valid is not None and (
           step % train_cfg.eval_every == 0 or step == train_cfg.steps):
-        valid = evaluate(state, pipeline, eval_fn, batch_sharding)
+        with mesh, nn.logical_axis_rules(rules):
+          valid = evaluate(state, pipeline, eval_fn, batch_sharding)
         valid_loss = valid['loss']
         summary['valid'] = valid
         log.write('valid', step, valid)

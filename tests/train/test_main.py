@@ -162,3 +162,23 @@ def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(
   assert 'at step 2: training stopped' in proc.stderr
   assert 'last good checkpoint is step 1' in proc.stderr
   assert sorted(os.listdir(workdir / 'checkpoints')) == ['1']
+
+
+def test_eight_cpu_devices_train_like_one(runner, reference):
+  # The same run data-parallel over 8 host devices (mesh data=8): the batch
+  # is sharded, the step is the same function; only reduction order differs.
+  ref_dir, _, shared = reference
+  workdir = runner.root / 'eight_devices'
+  env = dict(runner.env,
+             XLA_FLAGS='--xla_force_host_platform_device_count=8')
+  proc = subprocess.run(
+      command(workdir, *shared, '--config.train.halt_at_step=10'), cwd=REPO,
+      env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "mesh: {'data': 8, 'fsdp': 1, 'expert': 1, 'tensor': 1}" in proc.stderr
+  steps, values = losses(workdir)
+  assert list(steps) == list(range(1, 11))
+  _, ref_values = losses(ref_dir)
+  # Same parameters, batches and schedule; only float32 summation order
+  # differs, and Adam's first steps (~lr·sign(g)) amplify that a little.
+  np.testing.assert_allclose(values, ref_values[:10], rtol=1e-4)
