@@ -11,7 +11,9 @@ Hardware: one 80 GB GPU (H100); LibMoE ran 4 GPUs x 16 sequences. The mesh
   Point --config.data.train_path / eval_path at the SlimPajama parquet shards.
 Runtime: not measured yet (100k steps of 65,536 tokens).
 Expected: validation PPL 13.49 at 100k steps (LibMoE, algorithms.md §8.1).
-  The :tiny run: unknown.
+  The :tiny run (200 steps, 2-core CPU, 21 s wall with start-up;
+  2026-11-23): train loss 6.79 -> 2.45, validation PPL 15.66,
+  next-token accuracy 0.310.
 Paper: DeepSeek-AI, "DeepSeek-V2" (arXiv 2405.04434) and DeepSeekMoE (arXiv
   2401.06066); LibMoE `moe_layer_deepseekv2.py`; algorithms.md §3.7.
 Parameters: 157,918,016 trainable (LibMoE: about 157.9M).

@@ -11,7 +11,9 @@ Hardware: one 80 GB GPU (H100); LibMoE ran 4 GPUs x 16 sequences. The mesh
   Point --config.data.train_path / eval_path at the SlimPajama parquet shards.
 Runtime: not measured yet (100k steps of 65,536 tokens).
 Expected: unknown (LibMoE has HyperRouter in its VLM stack only).
-  The :tiny run: unknown.
+  The :tiny run (200 steps, 2-core CPU, 23 s wall with start-up;
+  2026-11-23): train loss 6.58 -> 2.53, validation PPL 17.26,
+  next-token accuracy 0.302.
 Paper: Do et al., "HyperRouter: towards efficient training and inference of
   sparse mixture of experts", EMNLP 2023; LibMoE v1.1 `hyperrouter.py`;
   algorithms.md §3.6.

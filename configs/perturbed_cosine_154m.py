@@ -11,7 +11,9 @@ Hardware: one 80 GB GPU (H100); LibMoE ran 4 GPUs x 16 sequences. The mesh
   Point --config.data.train_path / eval_path at the SlimPajama parquet shards.
 Runtime: not measured yet (100k steps of 65,536 tokens).
 Expected: unknown (LibMoE has Perturbed Cosine-R in its VLM stack only).
-  The :tiny run: unknown.
+  The :tiny run (200 steps, 2-core CPU, 25 s wall with start-up;
+  2026-11-23): train loss 6.65 -> 2.52, validation PPL 16.57,
+  next-token accuracy 0.301.
 Paper: Nguyen et al., "Statistical advantages of perturbing cosine router in
   mixture of experts", ICLR 2025 (arXiv 2405.14131); algorithms.md §3.5.
 Parameters: 157,935,456 trainable (LibMoE: about 157.9M).

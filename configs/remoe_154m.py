@@ -11,7 +11,9 @@ Hardware: one 80 GB GPU (H100); LibMoE ran 4 GPUs x 16 sequences. The mesh
   Point --config.data.train_path / eval_path at the SlimPajama parquet shards.
 Runtime: not measured yet (100k steps of 65,536 tokens).
 Expected: unknown (LibMoE has no working LM ReMoE, D8).
-  The :tiny run: unknown.
+  The :tiny run (200 steps, 2-core CPU, 26 s wall with start-up;
+  2026-11-23): train loss 6.59 -> 2.64, validation PPL 16.67,
+  next-token accuracy 0.304.
 Paper: Wang, Zhu, Chen, "ReMoE: fully differentiable mixture-of-experts with
   ReLU routing", ICLR 2025 (arXiv 2412.14711); algorithms.md §3.11.
 Parameters: 157,934,400 trainable (LibMoE: about 157.9M).

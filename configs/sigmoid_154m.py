@@ -12,7 +12,9 @@ Hardware: one 80 GB GPU (H100); LibMoE ran 4 GPUs x 16 sequences. The mesh
 Runtime: not measured yet (100k steps of 65,536 tokens).
 Expected: validation PPL 13.61 at 100k steps (preset libmoe; LibMoE,
   algorithms.md §8.1). Preset sigma_moe_csordas: unknown.
-  The :tiny run: unknown.
+  The :tiny run (200 steps, 2-core CPU, 23 s wall with start-up;
+  2026-11-23): train loss 6.62 -> 2.51, validation PPL 16.75,
+  next-token accuracy 0.298.
 Paper: Csordás et al. 2023, "Approximating two-layer feedforward networks for
   efficient transformers" (σ-MoE, arXiv 2310.10837); algorithms.md §3.2.
 Parameters: 157,934,400 trainable (LibMoE: about 157.9M).
