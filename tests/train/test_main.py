@@ -182,3 +182,24 @@ def test_eight_cpu_devices_train_like_one(runner, reference):
   # Same parameters, batches and schedule; only float32 summation order
   # differs, and Adam's first steps (~lr·sign(g)) amplify that a little.
   np.testing.assert_allclose(values, ref_values[:10], rtol=1e-4)
+
+
+SHAKESPEARE = (REPO / '..' / 'shared' / 'data' / 'tinyshakespeare.txt').resolve()
+
+
+@pytest.mark.skipif(not SHAKESPEARE.is_file(),
+                    reason=f'{SHAKESPEARE} is absent (the shared data lies '
+                    'beside the checkout on the development machines only)')
+def test_tiny_run_on_tinyshakespeare(runner):
+  # Real text from a file: paragraphs as documents, a 512-piece BPE trained
+  # on it, validation windows held out from the end of the stream.
+  workdir = runner.root / 'shakespeare'
+  runner(workdir, '--config.data.source=files',
+         f'--config.data.train_path={SHAKESPEARE}',
+         '--config.data.doc_mode=paragraph', '--config.data.max_tokens=200000',
+         '--config.train.steps=60', '--config.train.eval_every=30')
+  _, values = losses(workdir)
+  assert values[0] > 6.0 and values[-5:].mean() < values[0] - 1.0
+  valid = run_log.read_metrics(str(workdir), 'valid')
+  assert list(valid['step']) == [30, 60]
+  assert valid['loss'].iloc[1] < valid['loss'].iloc[0]
