@@ -24,15 +24,9 @@ Arguments (`:key=value,...`):
     'blocked').
 """
 
-from moe_jax import config_lib
+from moe_jax import router_recipes
 
 
 def get_config(arg=None):
-  args = config_lib.parse_arg(arg, tiny=False)
-  config = config_lib.base_config('cosine', '154m', args)
-  # Logits cos(x, w_e) / tau + b_e; tau 0.2 gives XMoE's logit scale (1.5/0.3).
-  config.moe.router_options.temperature = 0.2
-  # Router init: the LM stack's N(0, s^2/d) ('normal'); 'torch_default' is
-  # LibMoE v1.1's U(-1/sqrt(d), 1/sqrt(d)) with a random bias (D10b).
-  config.moe.router_options.router_init = 'normal'
-  return config
+  # The cosine options and losses: moe_jax/router_recipes.py:cosine.
+  return router_recipes.experiment('cosine', '154m', arg)

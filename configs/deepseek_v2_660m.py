@@ -21,13 +21,9 @@ Arguments (`:key=value,...`):
     'blocked').
 """
 
-from moe_jax import config_lib
+from moe_jax import router_recipes
 
 
 def get_config(arg=None):
-  args = config_lib.parse_arg(arg, tiny=False)
-  config = config_lib.base_config('deepseek_v2', '660m', args)
-  # LibMoE SharedE-V2: softmax top-6 of 64 routed experts, renormalised, plus
-  # an always-on shared MLP of width 2m added with weight 1 (the layout and the
-  # standard balance loss come from base_config).
-  return config
+  # The deepseek_v2 options and losses: moe_jax/router_recipes.py:deepseek_v2.
+  return router_recipes.experiment('deepseek_v2', '660m', arg)

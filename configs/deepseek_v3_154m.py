@@ -30,28 +30,9 @@ Arguments (`:key=value,...`):
   n_group=8,topk_group=4: group-limited routing (DeepSeek-V3's constants).
 """
 
-from moe_jax import config_lib
+from moe_jax import router_recipes
 
 
 def get_config(arg=None):
-  args = config_lib.parse_arg(
-      arg, tiny=False, preset='deepseek_v3_full', n_group=1, topk_group=1)
-  config = config_lib.base_config('deepseek_v3', '154m', args)
-  # s = σ(z); selection on s + b; weights from the unbiased s, renormalised.
-  # Aux-loss-free bias update rate gamma (0 disables the bias).
-  config.moe.router_options.bias_update_rate = 0.001
-  # Expert groups and groups kept (1 / 1: no group limit).
-  config.moe.router_options.n_group = args.n_group
-  config.moe.router_options.topk_group = args.topk_group
-  # Scale of the routed weights (DeepSeek-V3 2.5; LibMoE never applied it).
-  config.moe.router_options.routed_scaling_factor = 1.0
-  # Complementary sequence-wise balance loss on s / Σ s; paper alpha 0.0001
-  # (uncertain, algorithms.md §3.8).
-  config_lib.set_losses(config, {'balance': 0.0001})
-  if args.preset == 'sharede_v3_libmoe':
-    config.moe.router_options.bias_update_rate = 0.0
-    config_lib.set_losses(config, {'balance': 0.01})
-  elif args.preset != 'deepseek_v3_full':
-    raise ValueError("config arg preset: expected 'deepseek_v3_full' or "
-                     f"'sharede_v3_libmoe', got {args.preset!r}")
-  return config
+  # The deepseek_v3 options and losses: moe_jax/router_recipes.py:deepseek_v3.
+  return router_recipes.experiment('deepseek_v3', '154m', arg)

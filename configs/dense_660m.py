@@ -22,12 +22,9 @@ Arguments (`:key=value,...`):
     'blocked').
 """
 
-from moe_jax import config_lib
+from moe_jax import router_recipes
 
 
 def get_config(arg=None):
-  args = config_lib.parse_arg(arg, tiny=False)
-  config = config_lib.base_config('dense', '660m', args)
-  # The FFN of every layer is DenseFFNBlock(**config.dense), width 2d: the
-  # active FFN width of every MoE config (algorithms.md §6.4); no aux losses.
-  return config
+  # The dense options and losses: moe_jax/router_recipes.py:dense.
+  return router_recipes.experiment('dense', '660m', arg)

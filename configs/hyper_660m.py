@@ -22,23 +22,9 @@ Arguments (`:key=value,...`):
     'blocked').
 """
 
-from ml_collections import config_dict
-
-from moe_jax import config_lib
+from moe_jax import router_recipes
 
 
 def get_config(arg=None):
-  args = config_lib.parse_arg(arg, tiny=False)
-  config = config_lib.base_config('hyper', '660m', args)
-  # k schedule: k grows linearly from hyper_k_min to top_k (= k_max) over
-  # total_steps; evaluation uses k_max. k_min = k_max / 2 as in LibMoE v1.1
-  # (1 -> 2) and the HyperRouter scripts (8 -> 16). Follows moe.top_k unless
-  # set.
-  config.moe.router_options.hyper_k_min = config.moe.get_ref('top_k') // 2
-  # Steps of the k schedule; follows train.steps unless set.
-  config.moe.router_options.total_steps = config.train.get_ref('steps') * 1
-  # Hypernetwork hidden width; None means d / 4.
-  config.moe.router_options.hyper_hidden = config_dict.placeholder(int)
-  # HyperRouter trains with no auxiliary loss (LibMoE: aux = 0).
-  config_lib.set_losses(config, {})
-  return config
+  # The hyper options and losses: moe_jax/router_recipes.py:hyper.
+  return router_recipes.experiment('hyper', '660m', arg)

@@ -27,29 +27,9 @@ Arguments (`:key=value,...`):
   preset=reference: the reference code's 1 / 1 / 2 with its 2-layer router.
 """
 
-from moe_jax import config_lib
+from moe_jax import router_recipes
 
 
 def get_config(arg=None):
-  args = config_lib.parse_arg(arg, tiny=False, preset='libmoe')
-  config = config_lib.base_config('moe_plus_plus', '154m', args)
-  # Zero-computation experts beside the E FFN experts (router width E + 8).
-  config.moe.router_options.n_zero = 1
-  config.moe.router_options.n_copy = 1
-  config.moe.router_options.n_const = 6
-  # Router depth 1 (linear) | 2 (Linear-Tanh-Linear, the reference).
-  config.moe.router_options.router_depth = 1
-  # Gating residual z^l = W x + G z^(l-1) from the previous MoE layer.
-  config.moe.router_options.gate_residual = True
-  # Selected zero experts: 'drop' their weight (reference) | 'keep' (LibMoE
-  # VLM).
-  config.moe.router_options.zero_weight_mode = 'drop'
-  # Heterogeneous balance weight tau of the zero-computation experts.
-  config.moe.router_options.hetero_tau = 0.75
-  if args.preset == 'reference':
-    config.moe.router_options.n_const = 2
-    config.moe.router_options.router_depth = 2
-  elif args.preset != 'libmoe':
-    raise ValueError("config arg preset: expected 'libmoe' or 'reference', "
-                     f'got {args.preset!r}')
-  return config
+  # The moe_plus_plus options and losses: moe_jax/router_recipes.py:moe_plus_plus.
+  return router_recipes.experiment('moe_plus_plus', '154m', arg)

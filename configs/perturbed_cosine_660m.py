@@ -21,17 +21,9 @@ Arguments (`:key=value,...`):
     'blocked').
 """
 
-from moe_jax import config_lib
+from moe_jax import router_recipes
 
 
 def get_config(arg=None):
-  args = config_lib.parse_arg(arg, tiny=False)
-  config = config_lib.base_config('perturbed_cosine', '660m', args)
-  # Logits <x, w_e> / ((|x| + theta)(|w_e| + theta)) / tau + b_e.
-  config.moe.router_options.temperature = 0.2
-  # Norm offsets theta_x = theta_w (LibMoE v1.1: 0.1).
-  config.moe.router_options.cosine_theta = 0.1
-  # Router init: the LM stack's N(0, s^2/d) ('normal'); 'torch_default' is
-  # LibMoE v1.1's U(-1/sqrt(d), 1/sqrt(d)) with a random bias (D10b).
-  config.moe.router_options.router_init = 'normal'
-  return config
+  # The perturbed_cosine options and losses: moe_jax/router_recipes.py:perturbed_cosine.
+  return router_recipes.experiment('perturbed_cosine', '660m', arg)

@@ -23,27 +23,9 @@ Arguments (`:key=value,...`):
     'blocked').
 """
 
-import ml_collections
-from ml_collections import config_dict
-
-from moe_jax import config_lib
+from moe_jax import router_recipes
 
 
 def get_config(arg=None):
-  args = config_lib.parse_arg(arg, tiny=False)
-  config = config_lib.base_config('remoe', '154m', args)
-  # Slots per token for the active experts; None means min(2k, E). Overflow
-  # is reported as remoe_overflow_frac / remoe_dropped_mass.
-  config.moe.router_options.remoe_max_active = config_dict.placeholder(int)
-  # Load-balanced L1 on R = ReLU(z); the train loop multiplies it by the
-  # adaptive lambda below (so its coefficient stays 1).
-  config_lib.set_losses(config, {'remoe_l1': 1.0})
-  # Adaptive lambda, one scalar for all layers, updated once per step from the
-  # step's zero fraction S: lambda *= alpha if S < 1 - k/E, else lambda /= alpha
-  # (thu-ml/ReMoE; no clamp).
-  config.loss.remoe = ml_collections.ConfigDict()
-  # Initial lambda (ReMoE moe_relu_l1_reg_coeff_init).
-  config.loss.remoe.lambda0 = 1e-8
-  # Multiplier alpha (ReMoE moe_relu_l1_reg_coeff_multiplier).
-  config.loss.remoe.alpha = 1.2
-  return config
+  # The remoe options and losses: moe_jax/router_recipes.py:remoe.
+  return router_recipes.experiment('remoe', '154m', arg)

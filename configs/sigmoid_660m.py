@@ -27,27 +27,9 @@ Arguments (`:key=value,...`):
     loss, expert dropout 0.1, renorm_keep_std router init.
 """
 
-from moe_jax import config_lib
+from moe_jax import router_recipes
 
 
 def get_config(arg=None):
-  args = config_lib.parse_arg(arg, tiny=False, preset='libmoe')
-  config = config_lib.base_config('sigmoid', '660m', args)
-  # p = σ(z), top-k, g = renorm(p, S) (LibMoE v2); the balance loss sees the
-  # normalised sigmoid p / Σ p.
-  config.moe.router_options.normalize_topk = True
-  # Probability of dropping a (token, expert) score before top-k in training.
-  config.moe.router_options.expert_dropout = 0.0
-  # Router weight init: 'normal' (LibMoE) | 'renorm_keep_std' (Csordás).
-  config.moe.router_options.router_init = 'normal'
-  if args.preset == 'sigma_moe_csordas':
-    config.moe.router_options.normalize_topk = False
-    config.moe.router_options.expert_dropout = 0.1
-    config.moe.router_options.router_init = 'renorm_keep_std'
-    # -H(mean over the whole batch of softmax(z)), gamma 0.001 (§2.3b
-    # 'global'), instead of the standard balance loss.
-    config_lib.set_losses(config, {'entropy_global': 0.001})
-  elif args.preset != 'libmoe':
-    raise ValueError("config arg preset: expected 'libmoe' or "
-                     f"'sigma_moe_csordas', got {args.preset!r}")
-  return config
+  # The sigmoid options and losses: moe_jax/router_recipes.py:sigmoid.
+  return router_recipes.experiment('sigmoid', '660m', arg)

@@ -26,17 +26,9 @@ Arguments (`:key=value,...`):
     result-paper-table.csv, algorithms.md §8.1).
 """
 
-from moe_jax import config_lib
+from moe_jax import router_recipes
 
 
 def get_config(arg=None):
-  args = config_lib.parse_arg(arg, tiny=False, demo=False)
-  config = config_lib.base_config('smoe', '154m', args)
-  # LibMoE SMoE: p = softmax(z), top-k, renormalised; the standard balance
-  # loss (alpha 0.01 per layer, summed) comes from base_config.
-  if args.demo:
-    # LibMoE's demo yaml stops (and anneals) after 1,000 steps.
-    config.train.steps = 1000
-    config.train.eval_every = 1000
-    config.train.checkpoint_every = 1000
-  return config
+  # The smoe options and losses: moe_jax/router_recipes.py:smoe.
+  return router_recipes.experiment('smoe', '154m', arg)

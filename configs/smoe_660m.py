@@ -22,12 +22,9 @@ Arguments (`:key=value,...`):
     'blocked').
 """
 
-from moe_jax import config_lib
+from moe_jax import router_recipes
 
 
 def get_config(arg=None):
-  args = config_lib.parse_arg(arg, tiny=False)
-  config = config_lib.base_config('smoe', '660m', args)
-  # LibMoE SMoE: p = softmax(z), top-k, renormalised; the standard balance
-  # loss (alpha 0.01 per layer, summed) comes from base_config.
-  return config
+  # The smoe options and losses: moe_jax/router_recipes.py:smoe.
+  return router_recipes.experiment('smoe', '660m', arg)

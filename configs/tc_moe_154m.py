@@ -24,18 +24,9 @@ Arguments (`:key=value,...`):
     'blocked').
 """
 
-from moe_jax import config_lib
+from moe_jax import router_recipes
 
 
 def get_config(arg=None):
-  args = config_lib.parse_arg(arg, tiny=False)
-  config = config_lib.base_config('tc_moe', '154m', args)
-  # Null slots of the router (width 2E + num_null); LibMoE: num_null = k.
-  config.moe.router_options.num_null = config.moe.get_ref('top_k') * 1
-  # Logit offsets of the negative copies and of the null slots.
-  config.moe.router_options.tc_neg_offset = -1.0
-  config.moe.router_options.tc_null_offset = -10.0
-  # Balance over both signs with per-sequence counts x E (alpha 0.01), and the
-  # null-slot reward -mean null mass at LibMoE's 1e-5 (model card: 0).
-  config_lib.set_losses(config, {'tc_balance': 0.01, 'tc_reward': 1e-5})
-  return config
+  # The tc_moe options and losses: moe_jax/router_recipes.py:tc_moe.
+  return router_recipes.experiment('tc_moe', '154m', arg)

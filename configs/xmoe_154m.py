@@ -25,20 +25,9 @@ Arguments (`:key=value,...`):
     'blocked').
 """
 
-from ml_collections import config_dict
-
-from moe_jax import config_lib
+from moe_jax import router_recipes
 
 
 def get_config(arg=None):
-  args = config_lib.parse_arg(arg, tiny=False)
-  config = config_lib.base_config('xmoe', '154m', args)
-  # Softmax temperature tau: p = softmax(1.5 cos / 0.3) (LibMoE).
-  config.moe.router_options.temperature = 0.3
-  # Low-rank routing dimension; None means E / 2 (LibMoE: 33).
-  config.moe.router_options.xmoe_dim = config_dict.placeholder(int)
-  # Expert-embedding init: 'orthogonal' with gain 0.32 (LM) | 'normal' (VLM).
-  config.moe.router_options.xmoe_embed_init = 'orthogonal'
-  # Norm the expert embeddings are projected to after every optimiser step.
-  config.moe.router_options.xmoe_embed_norm = 1.5
-  return config
+  # The xmoe options and losses: moe_jax/router_recipes.py:xmoe.
+  return router_recipes.experiment('xmoe', '154m', arg)
