@@ -36,8 +36,13 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   # Imported here so --help is fast and JAX starts after flag parsing.
+  import jax  # pylint: disable=g-import-not-at-top
+  from moe_jax import distributed  # pylint: disable=g-import-not-at-top
   from moe_jax import train  # pylint: disable=g-import-not-at-top
-  logging.set_verbosity(logging.INFO)
+  distributed.initialize_from_environment()
+  # Progress lines come from process 0 only; the others log warnings.
+  logging.set_verbosity(logging.INFO if jax.process_index() == 0
+                        else logging.WARNING)
   logging.get_absl_handler().addFilter(_QuietLibraries())
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)

@@ -60,8 +60,35 @@ def tree_shardings(boxed_abstract_tree: Any, mesh: Mesh, rules) -> Any:
   Returns:
     A tree shaped like `nn.unbox(boxed_abstract_tree)` of NamedShardings.
   """
+  check_divisible(boxed_abstract_tree, mesh, rules)
   specs = nn.get_partition_spec(boxed_abstract_tree)
   return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def check_divisible(boxed_abstract_tree: Any, mesh: Mesh, rules) -> None:
+  """Raises a ValueError naming the parameter, logical and mesh axes when a
+  dimension does not split evenly over the mesh axes its logical axis maps to.
+  """
+  is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)
+  leaves = jax.tree_util.tree_flatten_with_path(boxed_abstract_tree,
+                                                is_leaf=is_box)[0]
+  for path, leaf in leaves:
+    if not is_box(leaf):
+      continue
+    spec = nn.logical_to_mesh_axes(leaf.names, rules)
+    for dim, (size, name, axes) in enumerate(
+        zip(leaf.value.shape, leaf.names, spec)):
+      if axes is None:
+        continue
+      axes = (axes,) if isinstance(axes, str) else tuple(axes)
+      ways = math.prod(mesh.shape[a] for a in axes)
+      if size % ways:
+        raise ValueError(
+            f'{jax.tree_util.keystr(path)}: dimension {dim} (logical axis '
+            f"'{name}') has size {size}, which does not split over mesh "
+            f'axes {axes} of {ways} devices; change config.mesh '
+            f"({', '.join(f'{a}={mesh.shape[a]}' for a in axes)}) or the "
+            'model size')
 
 
 def batch_sharding(mesh: Mesh, rules) -> NamedSharding:

@@ -21,11 +21,11 @@ import time
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from moe_jax import config_lib
 from moe_jax import flops as flops_lib
+from moe_jax import sharding as sharding_lib
 from moe_jax import train as train_lib
 from moe_jax.moe import router as router_lib
 
@@ -39,34 +39,50 @@ def sibling_config(spec: str, router: str):
   return config_lib.load_config(sibling + (f':{arg}' if arg else ''))
 
 
-def time_train_step(config, *, steps: int, warmup: int) -> dict:
-  """{'compile_s', 'step_s' (median), 'tokens_per_s', 'mfu' (GPU)}."""
+def time_train_step(config, *, steps: int, warmup: int,
+                    devices=None) -> dict:
+  """{'compile_s', 'step_s' (median), 'tokens_per_s', 'mfu' (GPU)}.
+
+  The state and batch are laid out on `config.mesh` over `devices` (default
+  every device), as in training.
+  """
+  mesh = sharding_lib.make_mesh(config.mesh, devices)
+  rules = sharding_lib.logical_rules(config.mesh)
   model = config_lib.build_model(config)
   optimizer, schedule = train_lib.make_optimizer(config.train)
   settings = train_lib.StepSettings.from_config(config)
-  state = jax.jit(lambda k: nn.unbox(train_lib.init_state(
-      k, model=model, optimizer=optimizer, config=config)))(
-          jax.random.key(config.train.seed))
+  init = functools.partial(train_lib.init_state, model=model,
+                           optimizer=optimizer, config=config)
+  key = jax.random.key(config.train.seed)
+  shardings = sharding_lib.tree_shardings(jax.eval_shape(init, key), mesh,
+                                          rules)
+  batch_sharding = sharding_lib.batch_sharding(mesh, rules)
   shape = (config.train.global_batch, config.train.seq_len + 1)
   tokens = np.random.default_rng(0).integers(0, config.model.vocab_size, shape)
-  batch = {'inputs': jnp.asarray(tokens[:, :-1], jnp.int32),
-           'targets': jnp.asarray(tokens[:, 1:], jnp.int32)}
-  step = jax.jit(functools.partial(
-      train_lib.train_step, model=model, optimizer=optimizer,
-      schedule=schedule, settings=settings), donate_argnums=0)
-  start = time.perf_counter()
-  state, metrics = step(state, batch)
-  jax.block_until_ready(metrics['loss'])
-  compile_s = time.perf_counter() - start
-  for _ in range(warmup):
-    state, metrics = step(state, batch)
-  jax.block_until_ready(metrics['loss'])
-  times = []
-  for _ in range(steps):
+  batch = sharding_lib.global_batch(
+      {'inputs': tokens[:, :-1].astype(np.int32),
+       'targets': tokens[:, 1:].astype(np.int32)}, batch_sharding)
+  with mesh, nn.logical_axis_rules(rules):
+    state = jax.jit(lambda k: nn.unbox(init(k)), out_shardings=shardings)(key)
+    step = jax.jit(functools.partial(
+        train_lib.train_step, model=model, optimizer=optimizer,
+        schedule=schedule, settings=settings),
+                   in_shardings=(shardings, batch_sharding),
+                   out_shardings=(shardings, sharding_lib.replicated(mesh)),
+                   donate_argnums=0)
     start = time.perf_counter()
     state, metrics = step(state, batch)
     jax.block_until_ready(metrics['loss'])
-    times.append(time.perf_counter() - start)
+    compile_s = time.perf_counter() - start
+    for _ in range(warmup):
+      state, metrics = step(state, batch)
+    jax.block_until_ready(metrics['loss'])
+    times = []
+    for _ in range(steps):
+      start = time.perf_counter()
+      state, metrics = step(state, batch)
+      jax.block_until_ready(metrics['loss'])
+      times.append(time.perf_counter() - start)
   step_s = statistics.median(times)
   tokens_per_s = config.train.global_batch * config.train.seq_len / step_s
   result = {'compile_s': compile_s, 'step_s': step_s,
