@@ -26,7 +26,7 @@ import math
 import os
 import tempfile
 import time
-from typing import Any, Callable
+from typing import Any
 
 from absl import logging
 import flax
@@ -515,7 +515,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
       os.path.join(workdir, 'checkpoints'), keep=train_cfg.keep)
   restored = checkpoints.restore_latest(abstract_state)
   if restored is None:
-    with mesh, nn.logical_axis_rules(rules):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       state = jax.jit(lambda k: nn.unbox(init_fn(k)),
                       out_shardings=state_shardings)(key)
     data_state = None
@@ -552,7 +552,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
       local = next(train_iter)
       batch = sharding_lib.global_batch(
           {k: local[k] for k in ('inputs', 'targets')}, batch_sharding)
-      with mesh, nn.logical_axis_rules(rules):
+      with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         state, metrics = step_fn(state, batch)
       step += 1
       pending.append((step, metrics))
@@ -585,7 +585,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
       valid_loss = None
       if pipeline.valid is not None and (
           step % train_cfg.eval_every == 0 or step == train_cfg.steps):
-        with mesh, nn.logical_axis_rules(rules):
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
           valid = evaluate(state, pipeline, eval_fn, batch_sharding)
         valid_loss = valid['loss']
         summary['valid'] = valid

@@ -62,7 +62,7 @@ def time_train_step(config, *, steps: int, warmup: int,
   batch = sharding_lib.global_batch(
       {'inputs': tokens[:, :-1].astype(np.int32),
        'targets': tokens[:, 1:].astype(np.int32)}, batch_sharding)
-  with mesh, nn.logical_axis_rules(rules):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     state = jax.jit(lambda k: nn.unbox(init(k)), out_shardings=shardings)(key)
     step = jax.jit(functools.partial(
         train_lib.train_step, model=model, optimizer=optimizer,

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from moe_jax.moe import dispatch as dispatch_lib
+from moe_jax.moe import expert_parallel
 from moe_jax.moe import experts as experts_lib
 from moe_jax.moe import losses as losses_lib
 from moe_jax.moe import metrics as metrics_lib
@@ -92,6 +93,10 @@ class MoEBlock(nn.Module):
   # Init stds of the shared expert.
   shared_w_in_std: float = 0.02
   shared_w_out_std: float = 0.02
+  # Mesh axis the routed experts are split over. When the context mesh
+  # (jax.set_mesh) has it with size > 1, routed tokens travel to their
+  # experts' devices by all-to-all (expert_parallel.py); None: never.
+  expert_axis: str | None = 'expert'
   # Compute dtype of the expert matmuls (router and losses stay float32).
   dtype: Any = jnp.float32
 
@@ -145,7 +150,15 @@ class MoEBlock(nn.Module):
         self.num_experts, d, self.expert_width, self.activation,
         self.expert_bias, self.w_in_std, self.w_out_std, name='experts')()
     metrics = metrics_lib.routing_stats(out, b)
-    if self.capacity_factor is None:
+    ep_shards = expert_parallel.active_expert_shards(self.expert_axis)
+    if self.capacity_factor is None and ep_shards > 1:
+      with jax.named_scope('expert_parallel'):
+        y = expert_parallel.ep_routed_ffn(
+            params, expert_in, out.weight, out.expert_index,
+            num_experts=self.num_experts, expert_axis=self.expert_axis,
+            activation=self.activation, backend=backend)     # [T, D]
+      metrics['dropped_slots'] = jnp.zeros((), jnp.float32)
+    elif self.capacity_factor is None:
       with jax.named_scope('dispatch'):
         plan = dispatch_lib.plan(out.expert_index, self.num_experts,
                                  backend.row_alignment, backend.row_multiple)

@@ -11,7 +11,6 @@ import pathlib
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -77,7 +76,7 @@ def loss_and_grads(config, devices):
                             jax.random.key(1))
     return loss, grads
 
-  with mesh, nn.logical_axis_rules(rules):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     state = jax.device_put(initial_state(config.moe.router), shardings)
     loss, grads = jax.jit(fn, in_shardings=(shardings, batch_sharding))(
         state, batch)
