@@ -21,6 +21,13 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string(
     'workdir', None, 'Run directory: config.json, metrics.jsonl, tensorboard/, '
     'checkpoints/. An existing run there is resumed.')
+_MODE = flags.DEFINE_enum(
+    'mode', 'train', ['train', 'trace'],
+    'train: train and evaluate (resuming); trace: record the routing of the '
+    "workdir's newest checkpoint over the validation set to DIR/traces/.")
+_TRACE_PROBS = flags.DEFINE_bool(
+    'trace_probs', False, "With --mode=trace: also store each router's full "
+    'output distribution (T x E values per layer).')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -44,6 +51,14 @@ def main(argv):
   logging.set_verbosity(logging.INFO if jax.process_index() == 0
                         else logging.WARNING)
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  if _MODE.value == 'trace':
+    from moe_jax import trace  # pylint: disable=g-import-not-at-top
+    summary = trace.trace_checkpoint(_CONFIG.value, _WORKDIR.value,
+                                     with_probs=_TRACE_PROBS.value)
+    logging.info('traced checkpoint %d: %d token-layer rows in %d layers '
+                 'to %s', summary['step'], summary['rows'], summary['layers'],
+                 summary['path'])
+    return
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except train.TrainingDiverged as e:

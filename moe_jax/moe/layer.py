@@ -192,6 +192,10 @@ class MoEBlock(nn.Module):
             group=self.balance_group),
         'metrics': metrics,
         'router_logits': out.logits,
+        # Per-token routing for traces (moe_jax/trace.py); unused outputs
+        # cost nothing under jit.
+        'routing': {'choice': out.choice, 'weight': out.weight,
+                    'probs': out.analysis_probs},
     }
     return y.reshape(b, s, d).astype(x.dtype), aux
 

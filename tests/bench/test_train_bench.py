@@ -18,3 +18,12 @@ def test_train_bench_prints_a_row_per_router_and_the_ratio(capsys):
   step_ms, tokens = float(rows['smoe'][2]), float(rows['smoe'][3].replace(',', ''))
   assert abs(tokens - 8 * 64 / (step_ms / 1e3)) / tokens < 0.01
   assert re.fullmatch(r'slowest_ratio=\d+\.\d\d', lines[-1])
+
+
+def test_trace_bench_prints_rows_per_second(capsys):
+  from moe_jax.bench import trace as bench_trace  # pylint: disable=g-import-not-at-top
+  bench_trace.main(['--layers', '2', '--windows', '4', '--seq_len', '8',
+                    '--repeats', '1'])
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert lines[0].startswith('repeat 0: 64 rows')
+  assert re.fullmatch(r'rows_per_s=\d+', lines[-1])

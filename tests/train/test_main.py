@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from moe_jax import run_log
+from moe_jax import trace as trace_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 STEPS = 40
@@ -203,3 +204,22 @@ def test_tiny_run_on_tinyshakespeare(runner):
   valid = run_log.read_metrics(str(workdir), 'valid')
   assert list(valid['step']) == [30, 60]
   assert valid['loss'].iloc[1] < valid['loss'].iloc[0]
+
+
+def test_trace_mode_writes_routing_of_the_newest_checkpoint(runner, reference):
+  ref_dir, _, shared = reference
+  workdir = runner.root / 'traced'
+  shutil.copytree(ref_dir, workdir, ignore=shutil.ignore_patterns('cache'))
+  runner(workdir, *shared, '--mode=trace')
+  layer0 = trace_lib.read_trace(str(workdir / 'traces'), layer=0)
+  # The validation set: eval_batches 4 x 8 windows x 64 tokens, step 40.
+  assert len(layer0) == 4 * 8 * 64
+  assert {str(s) for s in layer0['step']} == {str(STEPS)}
+  assert set(layer0['domain']) <= {0, 1, 2, 3}
+  choices = layer0[[f'choice_{j}' for j in range(4)]].to_numpy()
+  weights = layer0[[f'weight_{j}' for j in range(4)]].to_numpy()
+  # SMoE top-4 of 16: distinct experts, renormalised weights in order.
+  assert all(len(set(row)) == 4 for row in choices)
+  assert choices.min() >= 0 and choices.max() < 16
+  np.testing.assert_allclose(weights.sum(axis=1), 1.0, rtol=1e-5)
+  assert np.all(np.diff(weights, axis=1) <= 1e-7)

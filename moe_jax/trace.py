@@ -1,0 +1,194 @@
+"""Routing traces: what every router did, per layer and token, as Parquet.
+
+A trace of one checkpoint over an evaluation set is a hive-partitioned
+Parquet dataset under `<workdir>/traces/`:
+
+  traces/step=<checkpoint step>/layer=<l>/part-0.parquet
+
+one row per (token, layer) with columns
+  sequence   int32   index of the window in the evaluation set
+  position   int32   token position in the window
+  token      int32   input token id
+  domain     int32   the window's domain / task label (-1 if none)
+  choice_<j> int16   j-th selected id in the router's output space [0, E')
+                     (FFN experts first, then special / null slots), j < K
+  weight_<j> float32 its combine weight (0 for unused ReMoE / HyperRouter slots)
+  prob_<e>   float16 the router's full distribution (analysis_probs), only
+                     with `with_probs=True` (T x E' values: large)
+so `pandas.read_parquet(path, filters=[('layer', '=', 3)])` loads one layer
+of every checkpoint, and `.../traces/step=200` one checkpoint.
+
+Dimension legend: B batch, S sequence, L layers, K slots, E' router width.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from typing import Any, Iterable
+
+import jax
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+def routing_fn(model, *, with_probs: bool = False):
+  """jit: (params, router_state, tokens [B, S]) -> per-layer routing arrays.
+
+  Returns a list over MoE layers of {'choice': [B*S, K] int32,
+  'weight': [B*S, K] float32, and with_probs 'probs': [B*S, E']}.
+  """
+  def fn(params, router_state, tokens):
+    variables = {'params': params}
+    if router_state:
+      variables['router_state'] = router_state
+    _, auxes = model.apply(variables, tokens, train=False)
+    out = []
+    for aux in auxes:
+      routing = aux['routing']
+      layer = {'choice': routing['choice'], 'weight': routing['weight']}
+      if with_probs:
+        layer['probs'] = routing['probs']
+      out.append(layer)
+    return out
+  return jax.jit(fn)
+
+
+def _layer_table(sequence, position, token, domain, layer: dict) -> pa.Table:
+  columns = {'sequence': sequence, 'position': position, 'token': token,
+             'domain': domain}
+  choice = np.asarray(layer['choice'])
+  weight = np.asarray(layer['weight'], np.float32)
+  for j in range(choice.shape[1]):
+    columns[f'choice_{j}'] = choice[:, j].astype(np.int16)
+  for j in range(weight.shape[1]):
+    columns[f'weight_{j}'] = weight[:, j]
+  if 'probs' in layer:
+    probs = np.asarray(layer['probs'], np.float16)
+    for e in range(probs.shape[1]):
+      columns[f'prob_{e}'] = probs[:, e]
+  return pa.table(columns)
+
+
+def write_trace(directory: str, step: int,
+                batches: Iterable[tuple[np.ndarray, np.ndarray, dict]],
+                ) -> dict[str, Any]:
+  """Writes `traces/step=<step>/layer=<l>/part-0.parquet` atomically.
+
+  Args:
+    directory: the traces directory (e.g. <workdir>/traces).
+    step: the checkpoint step.
+    batches: (tokens [B, S], domain [B] or None, per-layer routing list of
+      [B*S, ...] arrays) triples, in evaluation-set order.
+
+  Returns:
+    {'rows': token-layer rows written, 'layers': L, 'path': the step dir}.
+  """
+  parts: list[list[pa.Table]] = []
+  first_sequence = 0
+  for tokens, domain, layers in batches:
+    b, s = tokens.shape
+    sequence = np.repeat(np.arange(first_sequence, first_sequence + b,
+                                   dtype=np.int32), s)
+    position = np.tile(np.arange(s, dtype=np.int32), b)
+    token = tokens.reshape(-1).astype(np.int32)
+    labels = (np.full((b,), -1, np.int32) if domain is None
+              else np.asarray(domain, np.int32))
+    domain_col = np.repeat(labels, s)
+    if not parts:
+      parts = [[] for _ in layers]
+    for i, layer in enumerate(layers):
+      parts[i].append(_layer_table(sequence, position, token, domain_col,
+                                   layer))
+    first_sequence += b
+  if not parts:
+    raise ValueError('write_trace: no batches to trace (is the evaluation '
+                     'set empty? config.train.eval_batches)')
+  final = os.path.join(directory, f'step={step}')
+  os.makedirs(directory, exist_ok=True)
+  staging = tempfile.mkdtemp(dir=directory, prefix=f'.step={step}.tmp-')
+  rows = 0
+  for i, tables in enumerate(parts):
+    table = pa.concat_tables(tables)
+    rows += table.num_rows
+    layer_dir = os.path.join(staging, f'layer={i}')
+    os.makedirs(layer_dir)
+    pq.write_table(table, os.path.join(layer_dir, 'part-0.parquet'))
+  # Replace an older trace of the same step only once the new one is whole.
+  if os.path.exists(final):
+    shutil.rmtree(final)
+  os.replace(staging, final)
+  return {'rows': rows, 'layers': len(parts), 'path': final}
+
+
+def read_trace(directory: str, *, step: int | None = None,
+               layer: int | None = None):
+  """The traces under `directory` as a pandas DataFrame (filtered on read)."""
+  import pandas as pd  # pylint: disable=g-import-not-at-top
+  filters = []
+  if step is not None:
+    filters.append(('step', '=', step))
+  if layer is not None:
+    filters.append(('layer', '=', layer))
+  return pd.read_parquet(directory, filters=filters or None)
+
+
+def trace_checkpoint(config, workdir: str, *, step: int | None = None,
+                     with_probs: bool = False) -> dict[str, Any]:
+  """Traces a workdir's checkpoint over its validation set.
+
+  Args:
+    config: the run's config (as for training).
+    workdir: the run directory; traces go to `<workdir>/traces/`.
+    step: the checkpoint to trace (default: the newest).
+    with_probs: also store the router's full output distribution.
+
+  Returns:
+    write_trace's summary plus {'step'}.
+  """
+  # pylint: disable=g-import-not-at-top
+  import flax.linen as nn
+  from moe_jax import checkpoint as checkpoint_lib
+  from moe_jax import config_lib
+  from moe_jax import train as train_lib
+  # pylint: enable=g-import-not-at-top
+  if config.model.dense_ffn:
+    raise ValueError('model.dense_ffn: the dense baseline has no routing to '
+                     'trace')
+  workdir = os.path.abspath(workdir)
+  model = config_lib.build_model(config)
+  optimizer, _ = train_lib.make_optimizer(config.train)
+  init = lambda k: train_lib.init_state(k, model=model, optimizer=optimizer,
+                                        config=config)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+      nn.unbox(jax.eval_shape(init, jax.random.key(0))))
+  checkpoints = checkpoint_lib.Checkpointer(
+      os.path.join(workdir, 'checkpoints'), keep=config.train.keep)
+  try:
+    steps = checkpoints.all_steps()
+    if not steps:
+      raise FileNotFoundError(
+          f'{checkpoints.directory}: no checkpoint to trace; train first '
+          '(--mode=train) or point --workdir at a trained run')
+    step = steps[-1] if step is None else step
+    if step not in steps:
+      raise ValueError(f'step={step}: no such checkpoint; have {steps}')
+    state, _ = checkpoints.restore(step, abstract)
+  finally:
+    checkpoints.close()
+  pipeline = train_lib.build_data(config, workdir)
+  route = routing_fn(model, with_probs=with_probs)
+
+  def batches():
+    for batch in pipeline.valid_iterator():
+      tokens = np.asarray(batch['inputs'])
+      layers = jax.device_get(route(state.params, state.router_state,
+                                    tokens))
+      yield tokens, batch.get('domain'), layers
+
+  summary = write_trace(os.path.join(workdir, 'traces'), step, batches())
+  return {**summary, 'step': step}
