@@ -1,0 +1,1 @@
+"""Analysis of routing traces (moe_jax/trace.py); algorithms.md §9."""

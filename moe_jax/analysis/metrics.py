@@ -1,0 +1,145 @@
+"""Routing metrics over traces, as defined in algorithms.md §9.
+
+Every function takes a trace DataFrame of ONE layer and ONE checkpoint (the
+columns of moe_jax/trace.py: sequence, position, domain, choice_<j>,
+weight_<j>, optionally prob_<e>) and returns numbers; nothing here runs a
+model. A slot is "selected" when its weight is non-zero (unused ReMoE /
+HyperRouter slots carry weight 0). The top-1 choice of a token is choice_0,
+the router's first (highest-scoring) selection.
+
+Dimension legend: T tokens, K slots, E' router output width.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+
+def _columns(frame: pd.DataFrame, prefix: str) -> list[str]:
+  names = [c for c in frame.columns if c.startswith(prefix)]
+  return sorted(names, key=lambda c: int(c[len(prefix):]))
+
+
+def choices(frame: pd.DataFrame) -> np.ndarray:
+  """[T, K] selected ids."""
+  return frame[_columns(frame, 'choice_')].to_numpy(np.int64)
+
+
+def weights(frame: pd.DataFrame) -> np.ndarray:
+  """[T, K] combine weights."""
+  return frame[_columns(frame, 'weight_')].to_numpy(np.float64)
+
+
+def indicator(frame: pd.DataFrame, width: int) -> np.ndarray:
+  """A [T, E'] in {0, 1}: token t selected id e (with a non-zero weight)."""
+  a = np.zeros((len(frame), width), np.int64)
+  rows = np.repeat(np.arange(len(frame)), choices(frame).shape[1])
+  active = (weights(frame) != 0).reshape(-1)
+  a[rows[active], choices(frame).reshape(-1)[active]] = 1
+  return a
+
+
+def _entropy(p: np.ndarray) -> np.ndarray:
+  """Entropy in nats along the last axis (0 log 0 = 0)."""
+  p = np.asarray(p, np.float64)
+  logs = np.log(np.where(p > 0, p, 1.0))
+  return -np.sum(p * logs, axis=-1)
+
+
+def selection_frequency(frame: pd.DataFrame, width: int) -> np.ndarray:
+  """u [E']: each id's share of all selections (sums to 1)."""
+  counts = indicator(frame, width).sum(axis=0).astype(np.float64)
+  return counts / max(counts.sum(), 1.0)
+
+
+def allocation_entropy(frame: pd.DataFrame, width: int) -> float:
+  """Mean over sequences of H(h / Σh) / ln E', h the top-1 histogram."""
+  values = []
+  for _, seq in frame.groupby('sequence'):
+    h = np.bincount(seq['choice_0'].to_numpy(np.int64), minlength=width)
+    values.append(_entropy(h / h.sum()) / np.log(width))
+  return float(np.mean(values))
+
+
+def weight_entropy(frame: pd.DataFrame) -> float:
+  """Mean over tokens of H(|w_t| / Σ|w_t|), nats (maximum ln K)."""
+  w = np.abs(weights(frame))
+  w = w / np.maximum(w.sum(axis=1, keepdims=True), 1e-20)
+  return float(np.mean(_entropy(w)))
+
+
+def router_margin(frame: pd.DataFrame) -> float:
+  """Mean over tokens of w_(1) - w_(2), the sorted renormalised |weights|."""
+  w = np.abs(weights(frame))
+  w = -np.sort(-w / np.maximum(w.sum(axis=1, keepdims=True), 1e-20), axis=1)
+  return float(np.mean(w[:, 0] - w[:, 1]))
+
+
+def h_total(frame: pd.DataFrame) -> float:
+  """Mean over tokens of the entropy of the full router distribution (nats).
+
+  Needs a trace written with probabilities (--trace_probs).
+  """
+  names = _columns(frame, 'prob_')
+  if not names:
+    raise ValueError('h_total needs prob_<e> columns: trace with '
+                     '--trace_probs')
+  p = frame[names].to_numpy(np.float64)
+  p = p / p.sum(axis=1, keepdims=True)     # float16 storage: renormalise
+  return float(np.mean(_entropy(p)))
+
+
+def _aligned(a: pd.DataFrame, b: pd.DataFrame, width: int):
+  key = ['sequence', 'position']
+  a = a.sort_values(key).reset_index(drop=True)
+  b = b.sort_values(key).reset_index(drop=True)
+  if not a[key].equals(b[key]):
+    raise ValueError('the two traces cover different tokens: trace both '
+                     'checkpoints over the same evaluation set')
+  return indicator(a, width), indicator(b, width)
+
+
+def change_rate(previous: pd.DataFrame, current: pd.DataFrame,
+                width: int) -> float:
+  """LM expert change rate, %: 100 - 100 |A_c ∧ A_{c-1}| / |A_{c-1}|."""
+  a_prev, a_cur = _aligned(previous, current, width)
+  return float(100.0 - 100.0 * np.sum(a_prev & a_cur) / np.sum(a_prev))
+
+
+def saturation(current: pd.DataFrame, final: pd.DataFrame,
+               width: int) -> float:
+  """Router saturation, %: 100 |A_c ∧ A_final| / |A_final|."""
+  a_cur, a_final = _aligned(current, final, width)
+  return float(100.0 * np.sum(a_cur & a_final) / np.sum(a_final))
+
+
+def co_activation(frame: pd.DataFrame, width: int) -> np.ndarray:
+  """C = Aᵀ A [E', E']: tokens selecting both i and j (diagonal: i)."""
+  a = indicator(frame, width)
+  return a.T @ a
+
+
+def load_balance(frame: pd.DataFrame, width: int) -> dict[str, float]:
+  """Usage relative perplexity, dead proportion, Jain, CV and max/mean."""
+  counts = indicator(frame, width).sum(axis=0).astype(np.float64)
+  u = counts / counts.sum()
+  return {
+      'usage_relative_perplexity': float(np.exp(_entropy(u)) / width),
+      'dead_proportion': float(np.mean(counts == 0)),
+      'jain_fairness': float(counts.sum() ** 2 /
+                             (width * np.sum(counts ** 2))),
+      'load_cv': float(np.std(counts) / np.mean(counts)),
+      'max_mean_load': float(np.max(counts) / np.mean(counts)),
+  }
+
+
+def per_domain_entropy(frame: pd.DataFrame, width: int) -> pd.Series:
+  """Per domain label: H(u_domain) / ln E' of its selection frequency.
+
+  Low values mean the domain's tokens concentrate on few experts
+  (specialisation); 1 is uniform use of every expert.
+  """
+  return frame.groupby('domain').apply(
+      lambda part: float(_entropy(selection_frequency(part, width)) /
+                         np.log(width)), include_groups=False)

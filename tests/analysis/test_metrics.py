@@ -1,0 +1,92 @@
+"""Golden values of the trace metrics on a 4-token hand-built trace.
+
+Trace (E' = 4, K = 2): sequence 0 (domain 0): tokens {0: .75, 1: .25} and
+{0: .5, 2: .5}; sequence 1 (domain 1): {3: .6, 1: .4} and {1: 1.0} with an
+unused second slot (weight 0). Selections per expert: [2, 3, 1, 1].
+"""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from moe_jax.analysis import metrics
+
+WIDTH = 4
+
+
+def trace(first_token=(0, 1)):
+  rows = [
+      (0, 0, 0, first_token, (0.75, 0.25)),
+      (0, 1, 0, (0, 2), (0.5, 0.5)),
+      (1, 0, 1, (3, 1), (0.6, 0.4)),
+      (1, 1, 1, (1, 3), (1.0, 0.0)),
+  ]
+  return pd.DataFrame([
+      {'sequence': s, 'position': p, 'domain': d, 'choice_0': c[0],
+       'choice_1': c[1], 'weight_0': w[0], 'weight_1': w[1],
+       **{f'prob_{e}': 0.25 for e in range(WIDTH)}}
+      for s, p, d, c, w in rows])
+
+
+def h(*p):
+  return -sum(x * math.log(x) for x in p if x > 0)
+
+
+def test_selection_frequency_and_co_activation():
+  np.testing.assert_allclose(metrics.selection_frequency(trace(), WIDTH),
+                             [2 / 7, 3 / 7, 1 / 7, 1 / 7])
+  expected = np.array([[2, 1, 1, 0],
+                       [1, 3, 0, 1],
+                       [1, 0, 1, 0],
+                       [0, 1, 0, 1]])
+  np.testing.assert_array_equal(metrics.co_activation(trace(), WIDTH),
+                                expected)
+
+
+def test_entropies_and_margin():
+  # Top-1 histograms: sequence 0 [2, 0, 0, 0] -> 0; sequence 1 [0, 1, 0, 1]
+  # -> ln 2 / ln 4 = 0.5.
+  assert metrics.allocation_entropy(trace(), WIDTH) == pytest.approx(0.25)
+  expected = (h(.75, .25) + h(.5, .5) + h(.6, .4) + h(1.0)) / 4
+  assert metrics.weight_entropy(trace()) == pytest.approx(expected)
+  assert metrics.router_margin(trace()) == pytest.approx(
+      (0.5 + 0.0 + 0.2 + 1.0) / 4)
+  assert metrics.h_total(trace()) == pytest.approx(math.log(4))
+  with pytest.raises(ValueError, match='trace_probs'):
+    metrics.h_total(trace().drop(columns=[f'prob_{e}' for e in range(4)]))
+
+
+def test_change_rate_and_saturation():
+  # Token 0 moves its second choice from expert 1 to 2: 6 of 7 pairs stay.
+  before, after = trace(), trace(first_token=(0, 2))
+  assert metrics.change_rate(before, after, WIDTH) == pytest.approx(
+      100 - 100 * 6 / 7)
+  assert metrics.saturation(before, after, WIDTH) == pytest.approx(
+      100 * 6 / 7)
+  assert metrics.change_rate(before, before, WIDTH) == 0.0
+  shuffled = before.iloc[::-1]
+  assert metrics.saturation(shuffled, before, WIDTH) == 100.0
+  with pytest.raises(ValueError, match='different tokens'):
+    metrics.change_rate(before, before.iloc[:3], WIDTH)
+
+
+def test_load_balance():
+  counts = np.array([2.0, 3.0, 1.0, 1.0])
+  mean = 7 / 4
+  std = math.sqrt(sum((c - mean) ** 2 for c in counts) / 4)
+  stats = metrics.load_balance(trace(), WIDTH)
+  assert stats['dead_proportion'] == 0.0
+  assert stats['jain_fairness'] == pytest.approx(49 / (4 * 15))
+  assert stats['load_cv'] == pytest.approx(std / mean)
+  assert stats['max_mean_load'] == pytest.approx(3 / mean)
+  assert stats['usage_relative_perplexity'] == pytest.approx(
+      math.exp(h(2 / 7, 3 / 7, 1 / 7, 1 / 7)) / 4)
+
+
+def test_per_domain_entropy():
+  by_domain = metrics.per_domain_entropy(trace(), WIDTH)
+  # Domain 0 selects [2, 1, 1, 0]; domain 1 selects [0, 2, 0, 1].
+  assert by_domain[0] == pytest.approx(h(.5, .25, .25) / math.log(4))
+  assert by_domain[1] == pytest.approx(h(2 / 3, 1 / 3) / math.log(4))
