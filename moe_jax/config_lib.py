@@ -270,6 +270,12 @@ def _train_config(p: dict, tiny: bool) -> ConfigDict:
   # Stop this process after this optimiser step (0: run to train.steps); the
   # schedule still follows train.steps. For time-sliced jobs and resume tests.
   train.halt_at_step = 0
+  # Steps between routing traces of the validation set written during
+  # training to <workdir>/traces/step=N (0: never; --mode=trace traces
+  # checkpoints afterwards). Single-process runs only.
+  train.trace_every = 0
+  # Also store each router's full output distribution in those traces.
+  train.trace_probs = False
   return train
 
 
@@ -614,6 +620,11 @@ def validate(config: ConfigDict, num_devices: int | None = None) -> None:
   for name in ('log_every', 'eval_every', 'eval_batches', 'checkpoint_every',
                'keep'):
     _need(train[name] >= 1, f'train.{name}', 'an integer >= 1', train[name])
+  _need(train.trace_every >= 0, 'train.trace_every',
+        'an integer >= 0 (0: no traces during training)', train.trace_every)
+  _need(not (train.trace_every and model.dense_ffn), 'train.trace_every',
+        '0 for the dense baseline (model.dense_ffn: nothing is routed)',
+        train.trace_every)
 
   # Data.
   _need(data.source in DATA_SOURCES, 'data.source', f'one of {DATA_SOURCES}',

@@ -22,9 +22,11 @@ _WORKDIR = flags.DEFINE_string(
     'workdir', None, 'Run directory: config.json, metrics.jsonl, tensorboard/, '
     'checkpoints/. An existing run there is resumed.')
 _MODE = flags.DEFINE_enum(
-    'mode', 'train', ['train', 'trace'],
+    'mode', 'train', ['train', 'trace', 'droptop'],
     'train: train and evaluate (resuming); trace: record the routing of the '
-    "workdir's newest checkpoint over the validation set to DIR/traces/.")
+    "workdir's newest checkpoint over the validation set to DIR/traces/; "
+    'droptop: evaluate that checkpoint with each token\'s top-1 (and top-2) '
+    'expert removed, to DIR/droptop.json.')
 _TRACE_PROBS = flags.DEFINE_bool(
     'trace_probs', False, "With --mode=trace: also store each router's full "
     'output distribution (T x E values per layer).')
@@ -58,6 +60,14 @@ def main(argv):
     logging.info('traced checkpoint %d: %d token-layer rows in %d layers '
                  'to %s', summary['step'], summary['rows'], summary['layers'],
                  summary['path'])
+    return
+  if _MODE.value == 'droptop':
+    from moe_jax.analysis import droptop  # pylint: disable=g-import-not-at-top
+    frame = droptop.evaluate_droptop(_CONFIG.value, _WORKDIR.value)
+    path = droptop.write_droptop(_WORKDIR.value, frame)
+    logging.info('DropTop at step %d (%s):\n%s', int(frame['step'].iloc[0]),
+                 path, frame.drop(columns='step').to_string(
+                     index=False, float_format='%.4f'))
     return
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)

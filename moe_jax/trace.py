@@ -149,46 +149,37 @@ def trace_checkpoint(config, workdir: str, *, step: int | None = None,
     write_trace's summary plus {'step'}.
   """
   # pylint: disable=g-import-not-at-top
-  import flax.linen as nn
-  from moe_jax import checkpoint as checkpoint_lib
-  from moe_jax import config_lib
+  from moe_jax import inference
   from moe_jax import train as train_lib
   # pylint: enable=g-import-not-at-top
-  if config.model.dense_ffn:
-    raise ValueError('model.dense_ffn: the dense baseline has no routing to '
-                     'trace')
   workdir = os.path.abspath(workdir)
-  model = config_lib.build_model(config)
-  optimizer, _ = train_lib.make_optimizer(config.train)
-  init = lambda k: train_lib.init_state(k, model=model, optimizer=optimizer,
-                                        config=config)
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = jax.tree.map(
-      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-      nn.unbox(jax.eval_shape(init, jax.random.key(0))))
-  checkpoints = checkpoint_lib.Checkpointer(
-      os.path.join(workdir, 'checkpoints'), keep=config.train.keep)
-  try:
-    steps = checkpoints.all_steps()
-    if not steps:
-      raise FileNotFoundError(
-          f'{checkpoints.directory}: no checkpoint to trace; train first '
-          '(--mode=train) or point --workdir at a trained run')
-    step = steps[-1] if step is None else step
-    if step not in steps:
-      raise ValueError(f'step={step}: no such checkpoint; have {steps}')
-    state, _ = checkpoints.restore(step, abstract)
-  finally:
-    checkpoints.close()
+  model, state, step = inference.restore_trained(config, workdir, step,
+                                                 what='trace')
   pipeline = train_lib.build_data(config, workdir)
-  route = routing_fn(model, with_probs=with_probs)
+  summary = trace_state(routing_fn(model, with_probs=with_probs),
+                        state.params, state.router_state, pipeline,
+                        os.path.join(workdir, 'traces'), step)
+  return {**summary, 'step': step}
 
+
+def trace_state(route, params, router_state, pipeline, directory: str,
+                step: int) -> dict[str, Any]:
+  """Traces (params, router_state) over the pipeline's validation set.
+
+  Args:
+    route: routing_fn(model, ...) (jit it once and reuse across steps).
+    params, router_state: the model's variables (any sharding).
+    pipeline: a data Pipeline with a validation set.
+    directory: the traces root; writes `<directory>/step=<step>/`.
+    step: the step the variables belong to.
+
+  Returns:
+    write_trace's summary.
+  """
   def batches():
     for batch in pipeline.valid_iterator():
       tokens = np.asarray(batch['inputs'])
-      layers = jax.device_get(route(state.params, state.router_state,
-                                    tokens))
+      layers = jax.device_get(route(params, router_state, tokens))
       yield tokens, batch.get('domain'), layers
 
-  summary = write_trace(os.path.join(workdir, 'traces'), step, batches())
-  return {**summary, 'step': step}
+  return write_trace(directory, step, batches())

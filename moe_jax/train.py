@@ -42,6 +42,7 @@ from moe_jax import config_lib
 from moe_jax import flops as flops_lib
 from moe_jax import run_log as run_log_lib
 from moe_jax import sharding as sharding_lib
+from moe_jax import trace as trace_lib
 from moe_jax.data import pipeline as pipeline_lib
 from moe_jax.data import sources as sources_lib
 from moe_jax.data import tokenizer as tokenizer_lib
@@ -394,7 +395,8 @@ def build_data(config: ConfigDict, workdir: str) -> pipeline_lib.Pipeline:
 # ----------------------------------------------------------------------------
 # The run.
 
-def _write_json_atomic(path: str, text: str) -> None:
+def write_text_atomic(path: str, text: str) -> None:
+  """Writes `text` to `path` via a temporary file and a rename (all or nothing)."""
   fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix='.tmp')
   with os.fdopen(fd, 'w', encoding='utf-8') as f:
     f.write(text)
@@ -423,7 +425,7 @@ def write_resolved_config(config: ConfigDict, workdir: str) -> None:
       if old.get(key) != new.get(key):
         logging.warning('config.%s changed since the last start of this '
                         'workdir: %r -> %r', key, old.get(key), new.get(key))
-  _write_json_atomic(path, text)
+  write_text_atomic(path, text)
 
 
 def _next_attempt(workdir: str) -> int:
@@ -467,6 +469,22 @@ def evaluate(state, pipeline, eval_fn, batch_sharding) -> dict[str, float]:
   ce = totals['ce'] / count
   return {'loss': ce, 'ppl': math.exp(min(ce, 50.0)),
           'accuracy': totals['accuracy'] / count, 'batches': count}
+
+
+def _training_tracer(config: ConfigDict, model, pipeline):
+  """routing_fn for train.trace_every, or None when tracing is off."""
+  if not config.train.trace_every:
+    return None
+  if pipeline.valid is None:
+    raise ValueError('train.trace_every: traces cover the validation set, '
+                     'and this data config has none (data.eval_path / '
+                     'data.tfds_eval_split)')
+  if jax.process_count() > 1:
+    raise ValueError(
+        f'train.trace_every: tracing during training is single-process; '
+        f'this run has {jax.process_count()} processes. Set it to 0 and '
+        'trace checkpoints afterwards with --mode=trace')
+  return trace_lib.routing_fn(model, with_probs=config.train.trace_probs)
 
 
 def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
@@ -534,6 +552,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
   eval_fn = jax.jit(functools.partial(eval_step, model=model),
                     in_shardings=(state_shardings, batch_sharding),
                     out_shardings=sharding_lib.replicated(mesh))
+  route_fn = _training_tracer(config, model, pipeline)
 
   step = int(state.step)
   stop = train_cfg.halt_at_step or train_cfg.steps
@@ -593,6 +612,14 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
         logging.info('step %d validation: loss %.4f | ppl %.2f | accuracy '
                      '%.4f', step, valid['loss'], valid['ppl'],
                      valid['accuracy'])
+      if route_fn is not None and (step % train_cfg.trace_every == 0 or
+                                   step == train_cfg.steps):
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+          traced = trace_lib.trace_state(
+              route_fn, state.params, state.router_state, pipeline,
+              os.path.join(workdir, 'traces'), step)
+        logging.info('step %d: traced %d token-layer rows to %s', step,
+                     traced['rows'], traced['path'])
       if step % train_cfg.checkpoint_every == 0 or last:
         _check_finite(pending, checkpoints)
         checkpoints.save(step, state, train_iter.get_state(), valid_loss)

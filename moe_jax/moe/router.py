@@ -17,6 +17,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 
+from moe_jax.moe.routers import base
 from moe_jax.moe.routers import cosine
 from moe_jax.moe.routers import deepseek
 from moe_jax.moe.routers import hyper
@@ -50,7 +51,8 @@ ROUTERS: dict[str, RouterSpec] = {
     'deepseek_v3': RouterSpec(deepseek.init, deepseek.route, deepseek.width,
                               _STANDARD, deepseek.post_update),
     'moe_plus_plus': RouterSpec(moe_plus_plus.init, moe_plus_plus.route,
-                                moe_plus_plus.width, _STANDARD),
+                                moe_plus_plus.width, _STANDARD,
+                                route_applies_drop_top=True),
     'tc_moe': RouterSpec(tc_moe.init, tc_moe.route, tc_moe.width,
                          ('tc_balance', 'tc_reward')),
     'remoe': RouterSpec(remoe.init, remoe.route, remoe.width, ('remoe_l1',)),
@@ -100,6 +102,10 @@ def make_config(router: str, **options: Any) -> RouterConfig:
   else:
     # Top-k picks from the router's output space (E' includes special slots).
     _check(k <= width, 'top_k', f'at most the router width {width}', k)
+  slots = num_slots(router, cfg)
+  _check(0 <= cfg.drop_top < slots, 'drop_top',
+         f'in [0, {slots}) (removing all {slots} slots leaves no expert)',
+         cfg.drop_top)
   if router == 'hyper':
     _check(1 <= cfg.hyper_k_min <= k, 'hyper_k_min', f'in [1, top_k={k}]',
            cfg.hyper_k_min)
@@ -154,6 +160,9 @@ class Router(nn.Module):
   def __call__(self, x, *, step=0, train=False, prev_logits=None,
                rng=None) -> RouterOutput:
     state = self.state.value if self.state is not None else {}
-    return ROUTERS[self.name_].route(
-        self.router_params, state, x, self.config, step=step,
-        rng=rng, train=train, prev_logits=prev_logits)
+    spec = ROUTERS[self.name_]
+    out = spec.route(self.router_params, state, x, self.config, step=step,
+                     rng=rng, train=train, prev_logits=prev_logits)
+    if self.config.drop_top and not spec.route_applies_drop_top:
+      out = base.drop_top(out, self.config.drop_top, self.config.num_experts)
+    return out

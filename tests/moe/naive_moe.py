@@ -427,6 +427,19 @@ def _capacity_drops(spec, selected_slots, num_slots: int) -> frozenset:
   return frozenset(dropped)
 
 
+def drop_top(slots: list, n: int) -> list:
+  """§9 DropTop-n: the token's n first-ranked slots leave, and the rest are
+  rescaled by Σ|w| / Σ|w_kept| (plain renormalisation when Σw = 1)."""
+  if not n:
+    return slots
+  kept = slots[n:]
+  total = sum(jnp.abs(w) for _, _, w in slots)
+  kept_total = sum(jnp.abs(w) for _, _, w in kept)
+  scale = jnp.where(kept_total > 0,
+                    total / jnp.where(kept_total > 0, kept_total, 1.0), 0.0)
+  return [(kind, i, w * scale) for kind, i, w in kept]
+
+
 def num_slots(spec) -> int:
   """Slots per token of the layer's static layout (capacity accounting)."""
   return remoe_slots(spec) if spec.router == 'remoe' else spec.top_k
@@ -445,7 +458,7 @@ def _route_tokens(params, state, x, spec: Spec, plan, prev_logits):
   for t in range(b * s):
     sel = None if plan is None else plan.selected[t]
     sel, slots = route(spec, rp, rs, tokens[t], sel, {'prev': prevs[t]})
-    token_slots.append(slots)
+    token_slots.append(drop_top(slots, spec.opt('drop_top', 0)))
     selected.append(tuple(int(i) for i in sel))
   return token_slots, tuple(selected)
 

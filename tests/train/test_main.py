@@ -21,6 +21,7 @@ import pytest
 
 from moe_jax import run_log
 from moe_jax import trace as trace_lib
+from moe_jax.analysis import droptop
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 STEPS = 40
@@ -66,7 +67,8 @@ def runner(tmp_path_factory):
 def reference(runner):
   """The uninterrupted run; later runs share its tokenizer and token cache."""
   workdir = runner.root / 'reference'
-  proc = runner(workdir)
+  # Traces during training do not touch the losses the other runs compare.
+  proc = runner(workdir, '--config.train.trace_every=20')
   shared = (f'--config.data.tokenizer={workdir}/tokenizer_bpe512.model',
             f'--config.data.cache_dir={workdir}/cache')
   return workdir, proc, shared
@@ -93,6 +95,10 @@ def test_tiny_run_trains_and_writes_its_workdir(reference):
   assert list(valid['step']) == [20, 40]
   assert valid['loss'].iloc[-1] < valid['loss'].iloc[0]
   assert f'step {STEPS}/{STEPS}' in proc.stderr and 'tok/s' in proc.stderr
+  # train.trace_every=20: the validation set traced at steps 20 and 40.
+  traced = trace_lib.read_trace(str(workdir / 'traces'), layer=1)
+  assert sorted({int(str(s)) for s in traced['step']}) == [20, 40]
+  assert len(traced) == 2 * 4 * 8 * 64
 
 
 def test_resume_in_a_new_process_is_exact(runner, reference):
@@ -209,7 +215,8 @@ def test_tiny_run_on_tinyshakespeare(runner):
 def test_trace_mode_writes_routing_of_the_newest_checkpoint(runner, reference):
   ref_dir, _, shared = reference
   workdir = runner.root / 'traced'
-  shutil.copytree(ref_dir, workdir, ignore=shutil.ignore_patterns('cache'))
+  shutil.copytree(ref_dir, workdir,
+                  ignore=shutil.ignore_patterns('cache', 'traces'))
   runner(workdir, *shared, '--mode=trace')
   layer0 = trace_lib.read_trace(str(workdir / 'traces'), layer=0)
   # The validation set: eval_batches 4 x 8 windows x 64 tokens, step 40.
@@ -223,3 +230,36 @@ def test_trace_mode_writes_routing_of_the_newest_checkpoint(runner, reference):
   assert choices.min() >= 0 and choices.max() < 16
   np.testing.assert_allclose(weights.sum(axis=1), 1.0, rtol=1e-5)
   assert np.all(np.diff(weights, axis=1) <= 1e-7)
+  # The restored checkpoint routes exactly as the state did in training.
+  in_training = trace_lib.read_trace(str(ref_dir / 'traces'), step=STEPS,
+                                     layer=0)
+  key = ['sequence', 'position']
+  in_training = in_training.sort_values(key).reset_index(drop=True)
+  layer0 = layer0.sort_values(key).reset_index(drop=True)
+  np.testing.assert_array_equal(
+      layer0[[f'choice_{j}' for j in range(4)]].to_numpy(),
+      in_training[[f'choice_{j}' for j in range(4)]].to_numpy())
+  np.testing.assert_allclose(
+      layer0[[f'weight_{j}' for j in range(4)]].to_numpy(),
+      in_training[[f'weight_{j}' for j in range(4)]].to_numpy(), rtol=1e-5)
+
+
+def test_droptop_mode_removing_the_top_expert_raises_the_loss(runner,
+                                                              reference):
+  ref_dir, _, shared = reference
+  workdir = runner.root / 'droptop'
+  shutil.copytree(ref_dir, workdir,
+                  ignore=shutil.ignore_patterns('cache', 'traces'))
+  runner(workdir, *shared, '--mode=droptop')
+  result = droptop.read_droptop(str(workdir)).set_index('name')
+  assert list(result.index) == ['intact', 'DropTop-1', 'DropTop-1&2']
+  # The intact row is the training run's own step-40 validation.
+  valid = run_log.read_metrics(str(ref_dir), 'valid').set_index('step')
+  np.testing.assert_allclose(result.loss['intact'], valid.loss[STEPS],
+                             rtol=1e-5)
+  np.testing.assert_allclose(result.accuracy['intact'],
+                             valid.accuracy[STEPS], rtol=1e-5)
+  # Without its top expert the tiny SMoE predicts worse.
+  assert result.loss['DropTop-1'] > result.loss['intact'] + 0.01, result
+  assert result.delta_loss['DropTop-1'] == pytest.approx(
+      result.loss['DropTop-1'] - result.loss['intact'])

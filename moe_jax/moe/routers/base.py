@@ -129,6 +129,9 @@ class RouterConfig:
   tc_null_offset: float = -10.0
   # ReMoE slot budget per token; None means min(2k, E).
   remoe_max_active: int | None = None
+  # DropTop-n inference ablation (algorithms.md §9): remove each token's n
+  # highest-ranked selected slots and renormalise the rest; 0 = off.
+  drop_top: int = 0
   # LibMoE parity flags (algorithms.md §5); all off by default.
   parity: Mapping[str, bool] = dataclasses.field(default_factory=dict)
 
@@ -165,6 +168,9 @@ class RouterSpec:
   output_width: Callable[[RouterConfig], int]
   default_losses: tuple[str, ...]
   post_update: Callable[..., tuple[dict, dict]] | None = None
+  # True when `route` applies cfg.drop_top itself (MoE++, whose special slots
+  # are split off inside route); otherwise Router applies drop_top() after it.
+  route_applies_drop_top: bool = False
 
 
 def router_weight_init(key: Array, cfg: RouterConfig, width: int) -> dict:
@@ -227,6 +233,48 @@ def drop_experts(scores: Array, cfg: RouterConfig, rng: Array | None,
 def renormalise(values: Array, axis: int = -1) -> Array:
   """g_j = v_j / (sum v + 1e-20), the LM stack's renorm (§0)."""
   return values / (jnp.sum(values, axis=axis, keepdims=True) + RENORM_EPS)
+
+
+def drop_top_slots(choice: Array, weight: Array,
+                   n: int) -> tuple[Array, Array]:
+  """DropTop-n (algorithms.md §9) on one router's slots.
+
+  Every router selects with lax.top_k, so slot order is rank order: the
+  token's n highest-ranked active slots (choice >= 0) are removed, whatever
+  they hold (FFN, MoE++ special, TC-MoE null). The remaining weights are
+  scaled by Σ|w| / Σ|w_kept| so the token's routed mass is unchanged: for
+  renormalised top-k this is exactly w / Σ w_kept; for routers that do not
+  renormalise (ReMoE, sigmoid without renorm) and for TC-MoE's signed weights
+  it is the same rescaling without changing the output's scale. A token left
+  with no weight routes nowhere.
+
+  Args:
+    choice: [T, K] selected ids in the router's output space, -1 = inactive.
+    weight: [T, K] combine weights.
+    n: slots to remove per token (0 returns the inputs unchanged).
+
+  Returns:
+    (choice [T, K] with removed slots set to -1, weight [T, K] renormalised).
+  """
+  if n == 0:
+    return choice, weight
+  active = choice >= 0                                          # [T, K]
+  rank = jnp.cumsum(active, axis=-1) - 1                        # [T, K]
+  dropped = active & (rank < n)
+  kept = jnp.where(dropped, 0.0, weight)
+  total = jnp.sum(jnp.abs(weight), axis=-1, keepdims=True)      # [T, 1]
+  kept_total = jnp.sum(jnp.abs(kept), axis=-1, keepdims=True)   # [T, 1]
+  scale = jnp.where(kept_total > 0,
+                    total / jnp.where(kept_total > 0, kept_total, 1.0), 0.0)
+  return jnp.where(dropped, -1, choice), kept * scale
+
+
+def drop_top(out: RouterOutput, n: int, num_experts: int) -> RouterOutput:
+  """DropTop-n on a RouterOutput: removed slots get no FFN rows (index E)."""
+  choice, weight = drop_top_slots(out.choice, out.weight, n)
+  index = jnp.where(choice < 0, num_experts, out.expert_index)
+  return out.replace(expert_index=index.astype(jnp.int32), weight=weight,
+                     choice=choice.astype(jnp.int32))
 
 
 def ones_eta(width: int) -> Array:

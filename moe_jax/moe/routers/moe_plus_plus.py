@@ -78,7 +78,9 @@ def route(params, state, x, cfg: base.RouterConfig, *, step=0, rng=None,
   else:
     raise ValueError(
         f"zero_weight_mode must be 'drop' or 'keep', got {cfg.zero_weight_mode!r}")
-  is_ffn = choice < cfg.num_experts
+  # DropTop before the special slots are split off (removed slots: -1).
+  choice, weight = base.drop_top_slots(choice, weight, cfg.drop_top)
+  is_ffn = (choice >= 0) & (choice < cfg.num_experts)
   expert_index = jnp.where(is_ffn, choice, cfg.num_experts).astype(jnp.int32)
   is_copy = (choice >= ranges['copy'][0]) & (choice < ranges['copy'][1])
   copy_weight = jnp.sum(jnp.where(is_copy, weight, 0.0), axis=-1)   # [T]

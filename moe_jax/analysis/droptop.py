@@ -1,0 +1,117 @@
+"""DropTop-1 / DropTop-1&2 (algorithms.md §9): how much a model leans on its
+top expert.
+
+The workdir's checkpoint is evaluated on its validation set as trained, then
+with each token's top-1 (and top-1 and top-2) selected slot removed in every
+MoE layer and the remaining weights renormalised (`router_options.drop_top`,
+moe_jax/moe/routers/base.py drop_top_slots). The result is the loss and
+next-token accuracy of each variant and their change from the intact model.
+
+  python -m moe_jax.main --config=... --workdir=DIR --mode=droptop
+writes DIR/droptop.json; the routing report (moe_jax.analysis.report) shows it.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import math
+import os
+
+import jax
+import numpy as np
+import pandas as pd
+from absl import logging
+from ml_collections import ConfigDict
+
+from moe_jax import config_lib
+from moe_jax import inference
+from moe_jax import train as train_lib
+from moe_jax.moe import router as router_lib
+
+NAMES = {0: 'intact', 1: 'DropTop-1', 2: 'DropTop-1&2'}
+RESULT_FILE = 'droptop.json'
+
+
+def with_drop_top(config: ConfigDict, n: int) -> ConfigDict:
+  """A copy of `config` whose MoE layers drop each token's top n slots."""
+  config = copy.deepcopy(config)
+  with config.unlocked():
+    config.moe.router_options.drop_top = n
+  return config
+
+
+def slots_per_token(config: ConfigDict) -> int:
+  """K of the config's router (ReMoE: its slot budget)."""
+  options = dict(config.moe.router_options.to_dict())
+  options.pop('drop_top', None)
+  cfg = router_lib.make_config(
+      config.moe.router, num_experts=config.moe.num_experts,
+      top_k=config.moe.top_k, d_model=config.model.d_model, **options)
+  return router_lib.num_slots(config.moe.router, cfg)
+
+
+def evaluate_droptop(config: ConfigDict, workdir: str, *,
+                     drops: tuple[int, ...] = (1, 2),
+                     step: int | None = None) -> pd.DataFrame:
+  """Validation loss / accuracy of the checkpoint with 0 and `drops` removed.
+
+  Args:
+    config: the run's config.
+    workdir: the run directory (its checkpoints and data cache are used).
+    drops: slot counts to remove; those that would leave a token no slot
+      (n >= K) are skipped with a log line.
+    step: checkpoint step (default: the newest).
+
+  Returns:
+    One row per variant: drop, name, loss, ppl, accuracy, delta_loss,
+    delta_accuracy (relative to the intact model), step.
+  """
+  slots = slots_per_token(config)
+  usable = [n for n in drops if 0 < n < slots]
+  for n in sorted(set(drops) - set(usable)):
+    logging.warning('DropTop-%d skipped: the router has %d slot(s) per token, '
+                    'and drop_top must leave at least one', n, slots)
+  _, state, step = inference.restore_trained(config, workdir, step,
+                                             what='evaluate')
+  pipeline = train_lib.build_data(config, os.path.abspath(workdir))
+  rows = []
+  for n in [0, *usable]:
+    model = config_lib.build_model(with_drop_top(config, n))
+    eval_fn = jax.jit(functools.partial(train_lib.eval_step, model=model))
+    totals, batches = np.zeros(2), 0
+    for batch in pipeline.valid_iterator():
+      out = jax.device_get(eval_fn(state, {k: np.asarray(batch[k]) for k in
+                                           ('inputs', 'targets')}))
+      totals += [float(out['ce']), float(out['accuracy'])]
+      batches += 1
+    if not batches:
+      raise ValueError('evaluate_droptop: the validation set is empty '
+                       '(config.train.eval_batches, data.eval_path)')
+    loss, accuracy = totals / batches
+    rows.append({'drop': n, 'name': NAMES.get(n, f'DropTop-{n}'),
+                 'loss': loss, 'ppl': math.exp(min(loss, 50.0)),
+                 'accuracy': accuracy})
+  frame = pd.DataFrame(rows)
+  frame['delta_loss'] = frame['loss'] - frame['loss'].iloc[0]
+  frame['delta_accuracy'] = frame['accuracy'] - frame['accuracy'].iloc[0]
+  frame['step'] = step
+  return frame
+
+
+def write_droptop(workdir: str, frame: pd.DataFrame) -> str:
+  """Saves the result as DIR/droptop.json (atomically); returns its path."""
+  path = os.path.join(os.path.abspath(workdir), RESULT_FILE)
+  train_lib.write_text_atomic(
+      path, json.dumps(frame.to_dict(orient='records'), indent=1))
+  return path
+
+
+def read_droptop(workdir: str) -> pd.DataFrame | None:
+  """DIR/droptop.json as a DataFrame, or None when it was not computed."""
+  path = os.path.join(workdir, RESULT_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding='utf-8') as f:
+    return pd.DataFrame(json.load(f))
