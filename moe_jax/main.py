@@ -22,11 +22,12 @@ _WORKDIR = flags.DEFINE_string(
     'workdir', None, 'Run directory: config.json, metrics.jsonl, tensorboard/, '
     'checkpoints/. An existing run there is resumed.')
 _MODE = flags.DEFINE_enum(
-    'mode', 'train', ['train', 'trace', 'droptop'],
+    'mode', 'train', ['train', 'trace', 'droptop', 'similarity'],
     'train: train and evaluate (resuming); trace: record the routing of the '
     "workdir's newest checkpoint over the validation set to DIR/traces/; "
     'droptop: evaluate that checkpoint with each token\'s top-1 (and top-2) '
-    'expert removed, to DIR/droptop.json.')
+    'expert removed, to DIR/droptop.json; similarity: expert similarity '
+    '(weight ANI, output CKA) of that checkpoint to DIR/similarity.json.')
 _TRACE_PROBS = flags.DEFINE_bool(
     'trace_probs', False, "With --mode=trace: also store each router's full "
     'output distribution (T x E values per layer).')
@@ -68,6 +69,15 @@ def main(argv):
     logging.info('DropTop at step %d (%s):\n%s', int(frame['step'].iloc[0]),
                  path, frame.drop(columns='step').to_string(
                      index=False, float_format='%.4f'))
+    return
+  if _MODE.value == 'similarity':
+    from moe_jax.analysis import similarity  # pylint: disable=g-import-not-at-top
+    frame, cka = similarity.evaluate_similarity(_CONFIG.value, _WORKDIR.value)
+    path = similarity.write_similarity(_WORKDIR.value, frame, cka)
+    logging.info('expert similarity at step %d (%s):\n%s',
+                 int(frame['step'].iloc[0]), path,
+                 frame.drop(columns='step').to_string(index=False,
+                                                      float_format='%.4f'))
     return
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)

@@ -143,3 +143,57 @@ def per_domain_entropy(frame: pd.DataFrame, width: int) -> pd.Series:
   return frame.groupby('domain').apply(
       lambda part: float(_entropy(selection_frequency(part, width)) /
                          np.log(width)), include_groups=False)
+
+
+# ------------------------------------------------------ layer similarity ---
+
+def _selected_sets(frame: pd.DataFrame) -> list[frozenset]:
+  """Per token (ordered by sequence, position): the set of selected ids."""
+  frame = frame.sort_values(['sequence', 'position'])
+  c, w = choices(frame), weights(frame)
+  return [frozenset(row[mask]) for row, mask in zip(c, w != 0)]
+
+
+def _aligned_sets(a: pd.DataFrame, b: pd.DataFrame):
+  key = ['sequence', 'position']
+  if not a.sort_values(key)[key].reset_index(drop=True).equals(
+      b.sort_values(key)[key].reset_index(drop=True)):
+    raise ValueError('the two layers cover different tokens: compare layers '
+                     'of one trace (one checkpoint)')
+  return _selected_sets(a), _selected_sets(b)
+
+
+def layer_overlap(frequency: np.ndarray) -> np.ndarray:
+  """O [L, L]: histogram intersection Σ_e min(u_l,e, u_m,e) of frequencies.
+
+  Args:
+    frequency: [L, E'] selection_frequency of every layer (rows sum to 1).
+  """
+  u = np.asarray(frequency, np.float64)
+  return np.minimum(u[:, None, :], u[None, :, :]).sum(axis=-1)
+
+
+def universal_score(overlap: np.ndarray) -> float:
+  """Mean of O over layer pairs l != m (moe_jax excludes the diagonal)."""
+  n = overlap.shape[0]
+  return float(overlap[~np.eye(n, dtype=bool)].mean())
+
+
+def optimist_score(overlap: np.ndarray) -> float:
+  """Mean over layers of max_{m != l} O_lm (the row-max score)."""
+  masked = np.where(np.eye(overlap.shape[0], dtype=bool), -np.inf, overlap)
+  return float(masked.max(axis=1).mean())
+
+
+def token_jaccard(layer_a: pd.DataFrame, layer_b: pd.DataFrame) -> float:
+  """Mean over tokens of |S_a ∩ S_b| / |S_a ∪ S_b| (S: selected ids)."""
+  sets_a, sets_b = _aligned_sets(layer_a, layer_b)
+  return float(np.mean([len(x & y) / max(len(x | y), 1)
+                        for x, y in zip(sets_a, sets_b)]))
+
+
+def layer_sel_overlap(layer: pd.DataFrame, previous: pd.DataFrame) -> float:
+  """Mean over tokens of |S_l ∩ S_{l-1}| / k, k the trace's slots per token."""
+  sets, prev = _aligned_sets(layer, previous)
+  k = choices(layer).shape[1]
+  return float(np.mean([len(x & y) / k for x, y in zip(sets, prev)]))

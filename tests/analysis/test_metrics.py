@@ -90,3 +90,28 @@ def test_per_domain_entropy():
   # Domain 0 selects [2, 1, 1, 0]; domain 1 selects [0, 2, 0, 1].
   assert by_domain[0] == pytest.approx(h(.5, .25, .25) / math.log(4))
   assert by_domain[1] == pytest.approx(h(2 / 3, 1 / 3) / math.log(4))
+
+
+def test_layer_overlap_universal_and_optimist_scores():
+  u = np.array([[.5, .5, 0.], [.25, .25, .5], [0., 0., 1.]])
+  overlap = metrics.layer_overlap(u)
+  # O_01 = .25 + .25 = .5; O_02 = 0; O_12 = .5; diagonal 1.
+  np.testing.assert_allclose(overlap, [[1., .5, 0.], [.5, 1., .5],
+                                       [0., .5, 1.]])
+  assert metrics.universal_score(overlap) == pytest.approx(1 / 3)
+  assert metrics.optimist_score(overlap) == pytest.approx(0.5)
+
+
+def test_token_jaccard_and_layer_selection_overlap():
+  other = trace()
+  other['choice_0'] = [0, 3, 3, 1]
+  other['choice_1'] = [2, 2, 1, 3]
+  # Token sets, trace vs other: {0,1}|{0,2}: 1/3; {0,2}|{3,2}: 1/3;
+  # {3,1}|{3,1}: 1; {1} (second slot weight 0)|{1}: 1.
+  assert metrics.token_jaccard(trace(), other) == pytest.approx(
+      (1 / 3 + 1 / 3 + 1 + 1) / 4)
+  # Intersections 1, 1, 2, 1 over k = 2.
+  assert metrics.layer_sel_overlap(other, trace()) == pytest.approx(
+      (1 + 1 + 2 + 1) / 8)
+  with pytest.raises(ValueError, match='different tokens'):
+    metrics.token_jaccard(trace(), other.iloc[:3])
