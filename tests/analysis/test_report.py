@@ -1,5 +1,7 @@
 """The report builds its figures and summary from traces on disk."""
 
+import json
+
 import numpy as np
 
 from moe_jax import trace as trace_lib
@@ -42,3 +44,44 @@ def test_report_without_traces_says_how_to_make_them(tmp_path):
     assert '--mode=trace' in str(e)
   else:
     raise AssertionError('no error without traces')
+
+
+def test_report_shows_droptop_similarity_and_layer_overlap(tmp_path):
+  traces = str(tmp_path / 'traces')
+  trace_lib.write_trace(traces, 10, [_batch(1)])
+  (tmp_path / 'droptop.json').write_text(json.dumps([
+      {'drop': 0, 'name': 'intact', 'loss': 2.0, 'ppl': 7.389,
+       'accuracy': 0.5, 'delta_loss': 0.0, 'delta_accuracy': 0.0,
+       'step': 10},
+      {'drop': 1, 'name': 'DropTop-1', 'loss': 2.25, 'ppl': 9.488,
+       'accuracy': 0.4, 'delta_loss': 0.25, 'delta_accuracy': -0.1,
+       'step': 10}]))
+  (tmp_path / 'similarity.json').write_text(json.dumps([
+      {'layer': 0, 'ani_w_in': 0.125, 'ani_w_out': 0.0625,
+       'ani_router': -0.5, 'cka_mean': 0.75, 'step': 10}]))
+  report.build_report(str(tmp_path), width=4)
+  summary = (tmp_path / 'report' / 'summary.md').read_text()
+  assert '## DropTop (step 10' in summary and '0.2500' in summary
+  assert '## Expert similarity (step 10)' in summary and '0.7500' in summary
+  # Both layers carry the same trace: intersection 1, Jaccard 1, and
+  # selection overlap (2 + 2 + 2 + 1) / (4 tokens x 2 slots) = 0.875.
+  assert 'universal score 1.0000' in summary
+  assert '0.8750' in summary
+
+
+def test_comparison_of_two_runs(tmp_path):
+  for name, router, second in (('a', 'smoe', 1), ('b', 'xmoe', 2)):
+    run = tmp_path / name
+    trace_lib.write_trace(str(run / 'traces'), 10, [_batch(second)])
+    (run / 'config.json').write_text(json.dumps(
+        {'model': {'dense_ffn': False}, 'moe': {'router': router}}))
+  out = tmp_path / 'compare'
+  report.main(['--workdir', str(tmp_path / 'a'), '--workdir',
+               str(tmp_path / 'b'), '--out', str(out)])
+  for name in ('compare_frequency.png', 'compare_domain_entropy.png'):
+    assert (out / name).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+  table = (out / 'compare.md').read_text()
+  assert '| smoe ' in table and '| xmoe ' in table
+  # Run a's allocation entropy (top-1 histograms as in the single report):
+  # 0.25 in both layers.
+  assert '0.2500' in table
