@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV   := .venv
 STAMP  := $(VENV)/.installed
 
-.PHONY: .venv run test clean distclean
+.PHONY: .venv run test routing-report clean distclean
 
 # (Re)install when setup.cfg or pyproject.toml is newer than the stamp.
 .venv: $(STAMP)
@@ -20,6 +20,23 @@ WORKDIR ?= runs/smoe_154m_tiny
 
 run: .venv
 	$(VENV)/bin/python -m moe_jax.main --config=$(CONFIG) --workdir=$(WORKDIR)
+
+# Routing analysis of tiny runs of several routers on the built-in
+# multi-domain corpus: train (tracing every 100 steps), DropTop, expert
+# similarity, one report per run and a comparison in runs/routing_compare.
+ROUTERS ?= smoe xmoe deepseek_v3
+
+routing-report: .venv
+	for r in $(ROUTERS); do \
+	  for mode in train droptop similarity; do \
+	    $(VENV)/bin/python -m moe_jax.main --config=configs/$${r}_154m.py:tiny \
+	      --workdir=runs/$${r}_tiny --mode=$$mode \
+	      --config.train.trace_every=100 || exit 1; \
+	  done; \
+	  $(VENV)/bin/python -m moe_jax.analysis.report --workdir=runs/$${r}_tiny || exit 1; \
+	done
+	$(VENV)/bin/python -m moe_jax.analysis.report --out=runs/routing_compare \
+	  $(foreach r,$(ROUTERS),--workdir=runs/$(r)_tiny)
 
 test: .venv
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
