@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import json
 import math
 import os
 
@@ -28,6 +27,7 @@ from ml_collections import ConfigDict
 from moe_jax import config_lib
 from moe_jax import inference
 from moe_jax import train as train_lib
+from moe_jax.analysis import results
 from moe_jax.moe import router as router_lib
 
 NAMES = {0: 'intact', 1: 'DropTop-1', 2: 'DropTop-1&2'}
@@ -102,16 +102,9 @@ def evaluate_droptop(config: ConfigDict, workdir: str, *,
 
 def write_droptop(workdir: str, frame: pd.DataFrame) -> str:
   """Saves the result as DIR/droptop.json (atomically); returns its path."""
-  path = os.path.join(os.path.abspath(workdir), RESULT_FILE)
-  train_lib.write_text_atomic(
-      path, json.dumps(frame.to_dict(orient='records'), indent=1))
-  return path
+  return results.write_table(workdir, RESULT_FILE, frame)
 
 
 def read_droptop(workdir: str) -> pd.DataFrame | None:
   """DIR/droptop.json as a DataFrame, or None when it was not computed."""
-  path = os.path.join(workdir, RESULT_FILE)
-  if not os.path.exists(path):
-    return None
-  with open(path, encoding='utf-8') as f:
-    return pd.DataFrame(json.load(f))
+  return results.read_table(workdir, RESULT_FILE)

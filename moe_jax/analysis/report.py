@@ -48,6 +48,16 @@ def _partitions(traces_dir: str, name: str) -> list[int]:
   return sorted(values)
 
 
+def traced_steps(traces_dir: str) -> list[int]:
+  """The traced checkpoint steps, sorted; an error says how to make some."""
+  steps = _partitions(traces_dir, 'step')
+  if not steps:
+    raise FileNotFoundError(
+        f'{traces_dir}: no traces; write them with python -m moe_jax.main '
+        '--config=... --workdir=DIR --mode=trace')
+  return steps
+
+
 def infer_width(frame: pd.DataFrame) -> int:
   """E' from the probability columns, else 1 + the largest selected id."""
   probs = [c for c in frame.columns if c.startswith('prob_')]
@@ -59,11 +69,7 @@ def infer_width(frame: pd.DataFrame) -> int:
 def build_report(workdir: str, width: int | None = None) -> dict:
   """Writes the figures and summary.md; returns {'path', 'layers', 'steps'}."""
   traces_dir = os.path.join(workdir, 'traces')
-  steps = _partitions(traces_dir, 'step')
-  if not steps:
-    raise FileNotFoundError(
-        f'{traces_dir}: no traces; write them with python -m moe_jax.main '
-        '--config=... --workdir=DIR --mode=trace')
+  steps = traced_steps(traces_dir)
   layers = _partitions(traces_dir, 'layer')
   final = steps[-1]
   frames = {layer: trace_lib.read_trace(traces_dir, step=final, layer=layer)
@@ -209,11 +215,7 @@ def compare_runs(workdirs: list[str], out_dir: str) -> dict:
   runs = []
   for workdir in workdirs:
     traces_dir = os.path.join(workdir, 'traces')
-    steps = _partitions(traces_dir, 'step')
-    if not steps:
-      raise FileNotFoundError(
-          f'{traces_dir}: no traces; write them with python -m moe_jax.main '
-          '--config=... --workdir=DIR --mode=trace')
+    steps = traced_steps(traces_dir)
     frames = {l: trace_lib.read_trace(traces_dir, step=steps[-1], layer=l)
               for l in _partitions(traces_dir, 'layer')}
     width = max(infer_width(f) for f in frames.values())

@@ -15,8 +15,8 @@ Dimension legend: T tokens, D model width, F expert width, E experts, L layers.
 
 from __future__ import annotations
 
-import json
 import os
+import tempfile
 
 import flax.linen as nn
 import jax
@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
+from moe_jax.analysis import results
 from moe_jax.moe import experts as experts_lib
 from moe_jax.moe import layer as layer_lib
 
@@ -208,25 +209,14 @@ def evaluate_similarity(config, workdir: str, *, step: int | None = None,
 def write_similarity(workdir: str, frame: pd.DataFrame,
                      cka: np.ndarray) -> str:
   """DIR/similarity.json and DIR/similarity_cka.npz (each atomic)."""
-  # pylint: disable=g-import-not-at-top
-  import tempfile
-  from moe_jax import train as train_lib
-  # pylint: enable=g-import-not-at-top
   workdir = os.path.abspath(workdir)
   fd, tmp = tempfile.mkstemp(dir=workdir, suffix='.npz')
   with os.fdopen(fd, 'wb') as f:
     np.savez(f, cka=cka)
   os.replace(tmp, os.path.join(workdir, CKA_FILE))
-  path = os.path.join(workdir, RESULT_FILE)
-  train_lib.write_text_atomic(
-      path, json.dumps(frame.to_dict(orient='records'), indent=1))
-  return path
+  return results.write_table(workdir, RESULT_FILE, frame)
 
 
 def read_similarity(workdir: str) -> pd.DataFrame | None:
   """DIR/similarity.json as a DataFrame, or None when not computed."""
-  path = os.path.join(workdir, RESULT_FILE)
-  if not os.path.exists(path):
-    return None
-  with open(path, encoding='utf-8') as f:
-    return pd.DataFrame(json.load(f))
+  return results.read_table(workdir, RESULT_FILE)
