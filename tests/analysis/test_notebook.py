@@ -3,13 +3,11 @@
 import os
 import pathlib
 
+import nbclient
 import nbformat
 import numpy as np
-import pytest
 
 from moe_jax import trace as trace_lib
-
-nbclient = pytest.importorskip('nbclient', reason='nbclient is in the [test] extra')
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 NOTEBOOK = REPO / 'notebooks' / 'routing_analysis.ipynb'

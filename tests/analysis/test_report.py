@@ -53,20 +53,25 @@ def test_report_shows_droptop_similarity_and_layer_overlap(tmp_path):
       {'drop': 0, 'name': 'intact', 'loss': 2.0, 'ppl': 7.389,
        'accuracy': 0.5, 'delta_loss': 0.0, 'delta_accuracy': 0.0,
        'step': 10},
-      {'drop': 1, 'name': 'DropTop-1', 'loss': 2.25, 'ppl': 9.488,
-       'accuracy': 0.4, 'delta_loss': 0.25, 'delta_accuracy': -0.1,
+      {'drop': 1, 'name': 'DropTop-1', 'loss': 2.3125, 'ppl': 10.10,
+       'accuracy': 0.4, 'delta_loss': 0.3125, 'delta_accuracy': -0.1,
        'step': 10}]))
   (tmp_path / 'similarity.json').write_text(json.dumps([
       {'layer': 0, 'ani_w_in': 0.125, 'ani_w_out': 0.0625,
-       'ani_router': -0.5, 'cka_mean': 0.75, 'step': 10}]))
+       'ani_router': -0.5, 'cka_mean': 0.8125, 'step': 10}]))
   report.build_report(str(tmp_path), width=4)
   summary = (tmp_path / 'report' / 'summary.md').read_text()
-  assert '## DropTop (step 10' in summary and '0.2500' in summary
-  assert '## Expert similarity (step 10)' in summary and '0.7500' in summary
+  rows = {line.split('|')[1].strip() + '|' + line.split('|')[2].strip(): line
+          for line in summary.splitlines() if line.startswith('|')}
+  # The saved tables come back row by row (values unique to them).
+  assert '## DropTop (step 10' in summary
+  assert '0.3125' in rows['1|DropTop-1'] and '-0.1000' in rows['1|DropTop-1']
+  assert '## Expert similarity (step 10)' in summary
+  assert '0.8125' in rows['0|0.1250'] and '-0.5000' in rows['0|0.1250']
   # Both layers carry the same trace: intersection 1, Jaccard 1, and
   # selection overlap (2 + 2 + 2 + 1) / (4 tokens x 2 slots) = 0.875.
   assert 'universal score 1.0000' in summary
-  assert '0.8750' in summary
+  assert rows['0-1|1.0000'].split('|')[3].strip() == '0.8750'
 
 
 def test_comparison_of_two_runs(tmp_path):
@@ -80,8 +85,17 @@ def test_comparison_of_two_runs(tmp_path):
                str(tmp_path / 'b'), '--out', str(out)])
   for name in ('compare_frequency.png', 'compare_domain_entropy.png'):
     assert (out / name).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
-  table = (out / 'compare.md').read_text()
-  assert '| smoe ' in table and '| xmoe ' in table
-  # Run a's allocation entropy (top-1 histograms as in the single report):
-  # 0.25 in both layers.
-  assert '0.2500' in table
+  table = {line.split('|')[1].strip(): [c.strip() for c in line.split('|')]
+           for line in (out / 'compare.md').read_text().splitlines()
+           if line.startswith('| ')}
+  # Columns: run, step, E', allocation_entropy, weight_entropy, margin, CV.
+  # Both runs' top-1 histograms are sequence 0 [2, 0, 0, 0] -> 0 and
+  # sequence 1 [0, 1, 0, 1] -> 0.5: allocation entropy 0.25.
+  assert table['smoe'][4] == table['xmoe'][4] == '0.2500'
+  # Margins (test_metrics): run a (.5 + 0 + .2 + 1) / 4 = 0.425; run b's
+  # first token has weights .75 / .25 as well: the same 0.425.
+  assert table['smoe'][6] == table['xmoe'][6] == '0.4250'
+  # Weight entropy of run a: (H(.75,.25) + H(.5,.5) + H(.6,.4) + H(1)) / 4.
+  expected = (-(.75 * np.log(.75) + .25 * np.log(.25)) + np.log(2)
+              - (.6 * np.log(.6) + .4 * np.log(.4))) / 4
+  assert table['smoe'][5] == f'{expected:.4f}'
