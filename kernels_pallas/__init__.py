@@ -1,10 +1,11 @@
 """Pallas kernels (GPU/TPU) for MoE dispatch and grouped expert matmuls.
 
-Optional: moe_jax has pure-JAX fallbacks for everything here.
+Optional: moe_jax has pure-JAX fallbacks for everything here. A leaf: these
+modules import only JAX; moe_jax/moe/backends.py adapts gmm to the expert
+backend contract as 'pallas'.
 
   gmm.py      grouped matmul gmm / tgmm (Pallas, Triton lowering), their
               loop references, and grouped_matmul with its custom VJP.
-  backend.py  registers gmm as the expert backend 'pallas' (experts.py).
   bench.py    `python -m kernels_pallas.bench`: TFLOP/s on a GPU, an
               interpret-mode correctness check without one.
 """

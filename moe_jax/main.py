@@ -15,6 +15,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from moe_jax.validation import ConfigMismatch
+
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Experiment config file: configs/<router>_<size>.py[:arg].',
     lock_config=True)
@@ -34,10 +36,59 @@ _TRACE_PROBS = flags.DEFINE_bool(
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+def _unknown_override(argv: list[str]) -> str | None:
+  """A message naming the first --config.<path> that the config lacks."""
+  from moe_jax import config_lib  # pylint: disable=g-import-not-at-top
+  spec = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')),
+              None)
+  if spec is None:
+    return None
+  config = config_lib.load_config(spec)
+  for arg in argv:
+    if not arg.startswith('--config.'):
+      continue
+    path = arg[len('--config.'):].split('=', 1)[0].split('.')
+    node = config
+    for depth, key in enumerate(path):
+      if not hasattr(node, 'keys') or key not in node:
+        parent = '.'.join(['config'] + path[:depth])
+        known = sorted(node.keys()) if hasattr(node, 'keys') else []
+        hint = ''
+        if path[:depth] == ['loss', 'coefficients']:
+          hint = (' A loss is trained by naming it in both moe.losses and '
+                  'loss.coefficients, which the router recipe sets; the '
+                  'names of moe_jax.moe.losses.LOSSES are the choices.')
+        return (f'{arg}: {parent} has no field {key!r}; known names: '
+                f'{known}.{hint}')
+      node = node[key]
+  return None
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a readable error for an unknown override.
+
+  ml_collections raises a bare AttributeError from deep inside its override
+  code when `--config.a.b=...` names a field the config lacks.
+  """
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as e:
+    message = _unknown_override(argv)
+    if message is None:
+      raise
+    del e
+    # One line, no traceback: the user mistyped a field name.
+    print(f'FATAL flags parsing error: {message}', file=sys.stderr)
+    sys.exit(2)
+
+
 class _QuietLibraries(py_logging.Filter):
-  """Drops INFO chatter of orbax and grain (each save logs ~20 lines)."""
+  """Drops INFO chatter of orbax and grain (each save logs ~20 lines), and
+  JAX's notice that it probed for a TPU on a machine without one."""
 
   def filter(self, record: py_logging.LogRecord) -> bool:
+    if "Unable to initialize backend 'tpu'" in record.getMessage():
+      return False
     noisy = ('/orbax/' in record.pathname or '/grain/' in record.pathname)
     return record.levelno >= py_logging.WARNING or not noisy
 
@@ -46,6 +97,19 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   # Imported here so --help is fast and JAX starts after flag parsing.
+  try:
+    _run_mode(_MODE.value)
+  except ConfigMismatch as e:
+    # The user's config and the workdir disagree: the message is the answer,
+    # a traceback would bury it.
+    logging.error('%s', e)
+    sys.exit(2)
+
+
+def _run_mode(mode: str) -> None:
+  """Runs --mode on --config and --workdir."""
+  # Before JAX starts: its first backend probe logs the TPU notice.
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   import jax  # pylint: disable=g-import-not-at-top
   from moe_jax import distributed  # pylint: disable=g-import-not-at-top
   from moe_jax import train  # pylint: disable=g-import-not-at-top
@@ -53,16 +117,15 @@ def main(argv):
   # Progress lines come from process 0 only; the others log warnings.
   logging.set_verbosity(logging.INFO if jax.process_index() == 0
                         else logging.WARNING)
-  logging.get_absl_handler().addFilter(_QuietLibraries())
-  if _MODE.value == 'trace':
-    from moe_jax import trace  # pylint: disable=g-import-not-at-top
-    summary = trace.trace_checkpoint(_CONFIG.value, _WORKDIR.value,
-                                     with_probs=_TRACE_PROBS.value)
+  if mode == 'trace':
+    from moe_jax.analysis import tracing  # pylint: disable=g-import-not-at-top
+    summary = tracing.trace_checkpoint(_CONFIG.value, _WORKDIR.value,
+                                       with_probs=_TRACE_PROBS.value)
     logging.info('traced checkpoint %d: %d token-layer rows in %d layers '
                  'to %s', summary['step'], summary['rows'], summary['layers'],
                  summary['path'])
     return
-  if _MODE.value == 'droptop':
+  if mode == 'droptop':
     from moe_jax.analysis import droptop  # pylint: disable=g-import-not-at-top
     frame = droptop.evaluate_droptop(_CONFIG.value, _WORKDIR.value)
     path = droptop.write_droptop(_WORKDIR.value, frame)
@@ -70,7 +133,7 @@ def main(argv):
                  path, frame.drop(columns='step').to_string(
                      index=False, float_format='%.4f'))
     return
-  if _MODE.value == 'similarity':
+  if mode == 'similarity':
     from moe_jax.analysis import similarity  # pylint: disable=g-import-not-at-top
     frame, cka = similarity.evaluate_similarity(_CONFIG.value, _WORKDIR.value)
     path = similarity.write_similarity(_WORKDIR.value, frame, cka)
@@ -87,4 +150,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

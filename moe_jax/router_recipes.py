@@ -1,6 +1,6 @@
 """Each router's LM recipe, shared by its `configs/<router>_<size>.py` files.
 
-`experiment(router, size, arg)` = `config_lib.base_config` (architecture,
+`experiment(router, size, arg)` = `lm_experiment.base_config` (architecture,
 training recipe, data, mesh of the size) + the router's options and losses
 below. The 154M and 660M files of a router differ only in `size`, so the
 options live here once; each config file keeps its docstring (command,
@@ -18,6 +18,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from moe_jax import config_lib
+from moe_jax import lm_experiment
 
 ConfigDict = ml_collections.ConfigDict
 
@@ -52,7 +53,7 @@ def sigmoid(config: ConfigDict, args: ConfigDict) -> None:
     options.router_init = 'renorm_keep_std'
     # -H(mean over the whole batch of softmax(z)), gamma 0.001 (§2.3b
     # 'global'), instead of the standard balance loss.
-    config_lib.set_losses(config, {'entropy_global': 0.001})
+    lm_experiment.set_losses(config, {'entropy_global': 0.001})
   elif args.preset != 'libmoe':
     _bad_preset(args, 'libmoe', 'sigma_moe_csordas')
 
@@ -107,7 +108,7 @@ def hyper(config: ConfigDict, args: ConfigDict) -> None:
   # Hypernetwork hidden width; None means d / 4.
   options.hyper_hidden = config_dict.placeholder(int)
   # HyperRouter trains with no auxiliary loss (LibMoE: aux = 0).
-  config_lib.set_losses(config, {})
+  lm_experiment.set_losses(config, {})
 
 
 def deepseek_v2(config: ConfigDict, args: ConfigDict) -> None:
@@ -129,10 +130,10 @@ def deepseek_v3(config: ConfigDict, args: ConfigDict) -> None:
   options.routed_scaling_factor = 1.0
   # Complementary sequence-wise balance loss on s / Σ s; paper alpha 0.0001
   # (uncertain, algorithms.md §3.8).
-  config_lib.set_losses(config, {'balance': 0.0001})
+  lm_experiment.set_losses(config, {'balance': 0.0001})
   if args.preset == 'sharede_v3_libmoe':
     options.bias_update_rate = 0.0
-    config_lib.set_losses(config, {'balance': 0.01})
+    lm_experiment.set_losses(config, {'balance': 0.01})
   elif args.preset != 'deepseek_v3_full':
     _bad_preset(args, 'deepseek_v3_full', 'sharede_v3_libmoe')
 
@@ -169,7 +170,7 @@ def tc_moe(config: ConfigDict, args: ConfigDict) -> None:
   options.tc_null_offset = -10.0
   # Balance over both signs with per-sequence counts x E (alpha 0.01), and the
   # null-slot reward -mean null mass at LibMoE's 1e-5 (model card: 0).
-  config_lib.set_losses(config, {'tc_balance': 0.01, 'tc_reward': 1e-5})
+  lm_experiment.set_losses(config, {'tc_balance': 0.01, 'tc_reward': 1e-5})
 
 
 def remoe(config: ConfigDict, args: ConfigDict) -> None:
@@ -179,7 +180,7 @@ def remoe(config: ConfigDict, args: ConfigDict) -> None:
   config.moe.router_options.remoe_max_active = config_dict.placeholder(int)
   # Load-balanced L1 on R = ReLU(z); the train loop multiplies it by the
   # adaptive lambda below (so its coefficient stays 1).
-  config_lib.set_losses(config, {'remoe_l1': 1.0})
+  lm_experiment.set_losses(config, {'remoe_l1': 1.0})
   # Adaptive lambda, one scalar for all layers, updated once per step from the
   # step's zero fraction S: lambda *= alpha if S < 1 - k/E, else lambda /= alpha
   # (thu-ml/ReMoE; no clamp).
@@ -219,6 +220,6 @@ def experiment(router: str, size: str, arg: str | None) -> ConfigDict:
     raise ValueError(f'router: expected one of {sorted(RECIPES)}, got '
                      f'{router!r}')
   args = config_lib.parse_arg(arg, tiny=False, **ARGS.get(router, {}))
-  config = config_lib.base_config(router, size, args)
+  config = lm_experiment.base_config(router, size, args)
   RECIPES[router](config, args)
   return config

@@ -1,9 +1,15 @@
-"""What a run writes while it trains: metrics.jsonl, TensorBoard, a log line.
+"""What a run writes beside its checkpoints: config.json, metrics.jsonl,
+TensorBoard events, progress lines; and the atomic-write helpers.
 
 `metrics.jsonl` holds one JSON object per record: {'step', 'split' ('train'
 | 'valid'), 'attempt' (0 for the first process of a run, +1 per resume),
 metric: value, ...}. A resumed run re-logs the steps after its checkpoint, so
 readers keep the last record per (split, step): `read_metrics` does.
+
+Each record is appended with one write() of a whole line to a file opened
+with O_APPEND. A kill during that write can still leave a torn final line;
+readers skip it with a warning, and the next RunLog cuts it off before
+appending, so the file stays one valid record per line.
 TensorBoard event files go to `<workdir>/tensorboard` (tensorboardX).
 """
 
@@ -13,12 +19,106 @@ import datetime
 import json
 import math
 import os
+import tempfile
 from typing import Any, Mapping
 
 from absl import logging
 import numpy as np
 
 METRICS_FILE = 'metrics.jsonl'
+CONFIG_FILE = 'config.json'
+
+
+def write_text_atomic(path: str, text: str) -> None:
+  """Writes `text` to `path` via a temporary file and a rename (all or nothing)."""
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or '.', suffix='.tmp')
+  try:
+    with os.fdopen(fd, 'w', encoding='utf-8') as f:
+      f.write(text)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def flatten(tree: Mapping, prefix: str = '') -> dict[str, Any]:
+  """{'a': {'b': 1}} -> {'a.b': 1}."""
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, Mapping):
+      out.update(flatten(value, f'{prefix}{key}.'))
+    else:
+      out[f'{prefix}{key}'] = value
+  return out
+
+
+def read_saved_config(workdir: str) -> dict[str, Any] | None:
+  """The workdir's config.json, flattened ('model.num_layers': 2), or None."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding='utf-8') as f:
+    return flatten(json.load(f))
+
+
+def changed_fields(old: Mapping[str, Any], config) -> dict[str, tuple]:
+  """{field: (saved value, value in `config`)} of every field that differs."""
+  new = flatten(json.loads(config.to_json_best_effort()))
+  return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
+          if old.get(k) != new.get(k)}
+
+
+def write_resolved_config(config, workdir: str) -> None:
+  """Writes config.json; on a resume, logs every field that changed."""
+  old = read_saved_config(workdir)
+  for key, (before, after) in changed_fields(old or {}, config).items():
+    if old is not None:
+      logging.warning('config.%s changed since the last start of this '
+                      'workdir: %r -> %r', key, before, after)
+  write_text_atomic(os.path.join(workdir, CONFIG_FILE),
+                    config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def read_records(workdir: str) -> list[dict]:
+  """Every record of metrics.jsonl; a torn final line is skipped (warned)."""
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.exists(path):
+    return []
+  with open(path, encoding='utf-8', errors='replace') as f:
+    lines = [line for line in f.read().split('\n') if line.strip()]
+  records = []
+  for i, line in enumerate(lines):
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError:
+      if i != len(lines) - 1:
+        raise ValueError(f'{path}: line {i + 1} is not a JSON record (only '
+                         'a torn final line is expected after a kill): '
+                         f'{line[:80]!r}') from None
+      logging.warning('%s: skipping a torn final line (%d characters; a '
+                      'kill during a write leaves one)', path, len(line))
+  return records
+
+
+def next_attempt(workdir: str) -> int:
+  """0 for a new run, else 1 + the highest attempt in metrics.jsonl."""
+  attempts = [r.get('attempt', 0) for r in read_records(workdir)]
+  return max(attempts, default=-1) + 1
+
+
+def _cut_torn_tail(path: str) -> None:
+  """Truncates a final line without its newline (a write cut by a kill)."""
+  if not os.path.exists(path):
+    return
+  with open(path, 'rb+') as f:
+    data = f.read()
+    if not data or data.endswith(b'\n'):
+      return
+    keep = data.rfind(b'\n') + 1
+    f.truncate(keep)
+  logging.warning('%s: cut off a torn final line of %d bytes before '
+                  'appending', path, len(data) - keep)
 
 
 def _plain(value: Any) -> Any:
@@ -42,8 +142,10 @@ class RunLog:
     self._jsonl = None
     self._tb = None
     if is_primary:
-      self._jsonl = open(os.path.join(workdir, METRICS_FILE), 'a',
-                         encoding='utf-8')
+      path = os.path.join(workdir, METRICS_FILE)
+      _cut_torn_tail(path)
+      self._jsonl = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT,
+                            0o644)
       try:
         import tensorboardX  # pylint: disable=g-import-not-at-top
         self._tb = tensorboardX.SummaryWriter(
@@ -58,8 +160,8 @@ class RunLog:
       return
     record = {'step': int(step), 'split': split, 'attempt': self.attempt}
     record.update({k: _plain(v) for k, v in metrics.items()})
-    self._jsonl.write(json.dumps(record) + '\n')
-    self._jsonl.flush()
+    # One write of the whole line: a record is in the file whole or not.
+    os.write(self._jsonl, (json.dumps(record) + '\n').encode('utf-8'))
     if self._tb is not None:
       for name, value in record.items():
         if name in ('step', 'split', 'attempt'):
@@ -93,7 +195,8 @@ class RunLog:
 
   def close(self) -> None:
     if self._jsonl is not None:
-      self._jsonl.close()
+      os.close(self._jsonl)
+      self._jsonl = None
     if self._tb is not None:
       self._tb.close()
 
@@ -104,8 +207,7 @@ def read_metrics(workdir: str, split: str = 'train'):
   path = os.path.join(workdir, METRICS_FILE)
   if not os.path.exists(path):
     raise FileNotFoundError(f'{path}: no metrics (has the run started?)')
-  with open(path, encoding='utf-8') as f:
-    rows = [json.loads(line) for line in f if line.strip()]
+  rows = read_records(workdir)
   frame = pd.DataFrame([r for r in rows if r['split'] == split])
   if frame.empty:
     return frame

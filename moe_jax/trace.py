@@ -18,6 +18,9 @@ one row per (token, layer) with columns
 so `pandas.read_parquet(path, filters=[('layer', '=', 3)])` loads one layer
 of every checkpoint, and `.../traces/step=200` one checkpoint.
 
+This module is the format only (write, read); recording a model's routing
+into it is moe_jax/analysis/tracing.py.
+
 Dimension legend: B batch, S sequence, L layers, K slots, E' router width.
 """
 
@@ -28,32 +31,9 @@ import shutil
 import tempfile
 from typing import Any, Iterable
 
-import jax
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-
-def routing_fn(model, *, with_probs: bool = False):
-  """jit: (params, router_state, tokens [B, S]) -> per-layer routing arrays.
-
-  Returns a list over MoE layers of {'choice': [B*S, K] int32,
-  'weight': [B*S, K] float32, and with_probs 'probs': [B*S, E']}.
-  """
-  def fn(params, router_state, tokens):
-    variables = {'params': params}
-    if router_state:
-      variables['router_state'] = router_state
-    _, auxes = model.apply(variables, tokens, train=False)
-    out = []
-    for aux in auxes:
-      routing = aux['routing']
-      layer = {'choice': routing['choice'], 'weight': routing['weight']}
-      if with_probs:
-        layer['probs'] = routing['probs']
-      out.append(layer)
-    return out
-  return jax.jit(fn)
 
 
 def _layer_table(sequence, position, token, domain, layer: dict) -> pa.Table:
@@ -133,53 +113,3 @@ def read_trace(directory: str, *, step: int | None = None,
   if layer is not None:
     filters.append(('layer', '=', layer))
   return pd.read_parquet(directory, filters=filters or None)
-
-
-def trace_checkpoint(config, workdir: str, *, step: int | None = None,
-                     with_probs: bool = False) -> dict[str, Any]:
-  """Traces a workdir's checkpoint over its validation set.
-
-  Args:
-    config: the run's config (as for training).
-    workdir: the run directory; traces go to `<workdir>/traces/`.
-    step: the checkpoint to trace (default: the newest).
-    with_probs: also store the router's full output distribution.
-
-  Returns:
-    write_trace's summary plus {'step'}.
-  """
-  # pylint: disable=g-import-not-at-top
-  from moe_jax import inference
-  from moe_jax import train as train_lib
-  # pylint: enable=g-import-not-at-top
-  workdir = os.path.abspath(workdir)
-  model, state, step = inference.restore_trained(config, workdir, step,
-                                                 what='trace')
-  pipeline = train_lib.build_data(config, workdir)
-  summary = trace_state(routing_fn(model, with_probs=with_probs),
-                        state.params, state.router_state, pipeline,
-                        os.path.join(workdir, 'traces'), step)
-  return {**summary, 'step': step}
-
-
-def trace_state(route, params, router_state, pipeline, directory: str,
-                step: int) -> dict[str, Any]:
-  """Traces (params, router_state) over the pipeline's validation set.
-
-  Args:
-    route: routing_fn(model, ...) (jit it once and reuse across steps).
-    params, router_state: the model's variables (any sharding).
-    pipeline: a data Pipeline with a validation set.
-    directory: the traces root; writes `<directory>/step=<step>/`.
-    step: the step the variables belong to.
-
-  Returns:
-    write_trace's summary.
-  """
-  def batches():
-    for batch in pipeline.valid_iterator():
-      tokens = np.asarray(batch['inputs'])
-      layers = jax.device_get(route(params, router_state, tokens))
-      yield tokens, batch.get('domain'), layers
-
-  return write_trace(directory, step, batches())

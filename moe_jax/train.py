@@ -1,17 +1,22 @@
 """Pretraining: `train_and_evaluate(config, workdir)` and its jitted steps.
 
-One optimiser step (`make_train_step`):
+One optimiser step (`train_step`):
   1. split the global batch into `train.grad_accum` micro-batches; for each,
-     loss = CE + Σ_name coef_name · reduce_layers(aux_name) (ReMoE's L1
-     additionally times the adaptive λ), gradients by value_and_grad;
+     loss = CE + Σ_name coef_name · reduce_layers(scale_name · aux_name)
+     (scales from the router's step hook: ReMoE's adaptive λ on its L1),
+     gradients by value_and_grad;
   2. AdamW (optax) on the mean gradient, after global-norm clipping;
   3. the router's post-update from the step's statistics (DeepSeek-V3 bias
      from expert counts summed over micro-batches, XMoE norm projection);
-  4. ReMoE's λ from the step's sparsity (algorithms.md §3.11).
+  4. the router's step hook from the step's statistics (ReMoE's λ from the
+     sparsity, algorithms.md §3.11).
 Router logits, softmax and every loss are float32 (the layer does that);
 matmuls run in `train.dtype`.
 
 The step RNG is fold_in(seed, step), so a resumed run draws the same noise.
+This module is a consumer: the state, optimiser and schedule live in
+state.py, scoring in scoring.py, data in data/from_config.py; nothing but
+main.py and the benchmarks imports it.
 
 Dimension legend: G global batch, A micro-batches, B = G / A, S sequence, V
 vocabulary, L layers, E' router width.
@@ -21,15 +26,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import os
-import tempfile
 import time
 from typing import Any
 
 from absl import logging
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -40,87 +42,25 @@ import optax
 from moe_jax import checkpoint as checkpoint_lib
 from moe_jax import config_lib
 from moe_jax import flops as flops_lib
+from moe_jax import models
+from moe_jax import restore
 from moe_jax import run_log as run_log_lib
+from moe_jax import scoring
 from moe_jax import sharding as sharding_lib
-from moe_jax import trace as trace_lib
-from moe_jax.data import pipeline as pipeline_lib
-from moe_jax.data import sources as sources_lib
-from moe_jax.data import tokenizer as tokenizer_lib
-from moe_jax.moe import layer as layer_lib
+from moe_jax import state as state_lib
+from moe_jax.analysis import tracing
+from moe_jax.data import from_config
 from moe_jax.moe import router as router_lib
+from moe_jax.state import TrainState
 
 ConfigDict = ml_collections.ConfigDict
-
-# LibMoE LM ReMoE (parity flag remoe_libmoe, D8): per-layer λ clamped here.
-REMOE_LIBMOE_CLAMP = (1e-6, 1e2)
-
 
 class TrainingDiverged(RuntimeError):
   """The loss or gradient norm became NaN or infinite."""
 
 
-@flax.struct.dataclass
-class TrainState:
-  """Everything a step reads and writes; checkpointed whole.
-
-  step: completed optimiser steps (int32 scalar).
-  params: trainable parameters.
-  opt_state: optax state.
-  router_state: the model's 'router_state' collection ({} if none).
-  remoe_lambda: [L] float32, ReMoE's adaptive L1 weight per layer (all equal
-    unless the LibMoE parity flag is set; unused for other routers).
-  """
-
-  step: jax.Array
-  params: Any
-  opt_state: Any
-  router_state: Any
-  remoe_lambda: jax.Array
-
-
-# ----------------------------------------------------------------------------
-# Optimiser.
-
-def learning_rate_schedule(train: ConfigDict) -> optax.Schedule:
-  """LibMoE's schedule (algorithms.md §6.2): linear warmup, then cosine.
-
-  The cosine is evaluated at (step - warmup) with period `cosine_steps`
-  (LibMoE: T_max = steps even with warmup) and floor min_lr_ratio · lr.
-  """
-  peak = train.learning_rate
-  if train.schedule == 'constant':
-    main = optax.constant_schedule(peak)
-  else:
-    main = optax.cosine_decay_schedule(peak, train.cosine_steps,
-                                       alpha=train.min_lr_ratio)
-  if not train.warmup_steps:
-    return main
-  warmup = optax.linear_schedule(0.0, peak, train.warmup_steps)
-  return optax.join_schedules([warmup, main], [train.warmup_steps])
-
-
-def make_optimizer(train: ConfigDict
-                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """Global-norm clipping, then AdamW with decay on all parameters."""
-  schedule = learning_rate_schedule(train)
-  tx = optax.chain(
-      optax.clip_by_global_norm(train.grad_clip),
-      optax.adamw(schedule, b1=train.b1, b2=train.b2, eps=train.eps,
-                  weight_decay=train.weight_decay))
-  return tx, schedule
-
-
 # ----------------------------------------------------------------------------
 # Losses and routing statistics.
-
-def token_cross_entropy(logits, targets):
-  """logits [B, S, V] float32, targets [B, S] -> (mean CE, accuracy)."""
-  logits = logits.astype(jnp.float32)
-  logz = jax.nn.logsumexp(logits, axis=-1)                       # [B, S]
-  target_logit = jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
-  correct = jnp.argmax(logits, axis=-1) == targets
-  return jnp.mean(logz - target_logit), jnp.mean(correct.astype(jnp.float32))
-
 
 def stack_layers(auxes: list[dict], part: str) -> dict[str, jax.Array]:
   """aux[part] of every layer, stacked: {name: [L, ...]}."""
@@ -132,32 +72,21 @@ def stack_layers(auxes: list[dict], part: str) -> dict[str, jax.Array]:
 
 def weighted_aux_loss(layer_losses: dict[str, jax.Array],
                       coefficients: dict[str, float], reduction: str,
-                      remoe_lambda: jax.Array) -> jax.Array:
-  """Σ_name coef · reduce_L(loss_name [L]); ReMoE's L1 is scaled by λ [L]."""
+                      loss_scales: dict[str, jax.Array]) -> jax.Array:
+  """Σ_name coef · reduce_L(scale_name [L] · loss_name [L]).
+
+  loss_scales: per-layer multipliers from the router's step hook (ReMoE's
+  λ for 'remoe_l1'); losses without one are unscaled.
+  """
   total = jnp.zeros((), jnp.float32)
   for name, coefficient in coefficients.items():
     per_layer = layer_losses[name]                                # [L]
-    if name == 'remoe_l1':
-      per_layer = per_layer * remoe_lambda
+    if name in loss_scales:
+      per_layer = per_layer * loss_scales[name]
     reduced = (jnp.sum(per_layer) if reduction == 'sum'
                else jnp.mean(per_layer))
     total = total + coefficient * reduced
   return total
-
-
-def update_remoe_lambda(remoe_lambda, sparsity, *, target: float,
-                        alpha: float, libmoe: bool):
-  """One λ update from sparsity [L] (algorithms.md §3.11).
-
-  Paper: S = mean over layers; λ ← λ·α if S < target else λ/α, no clamp,
-  one value for all layers. LibMoE parity: per layer, clamped.
-  """
-  if libmoe:
-    up = sparsity < target                                        # [L]
-    new = jnp.where(up, remoe_lambda * alpha, remoe_lambda / alpha)
-    return jnp.clip(new, *REMOE_LIBMOE_CLAMP)
-  up = jnp.mean(sparsity) < target
-  return jnp.where(up, remoe_lambda * alpha, remoe_lambda / alpha)
 
 
 def _router_path(i: int) -> tuple[str, ...]:
@@ -205,45 +134,38 @@ class StepSettings:
   num_layers: int
   router: str | None
   router_config: Any
-  remoe_alpha: float = 1.2
-  remoe_target: float = 0.0
-  remoe_libmoe: bool = False
+  # The router's step hook and its settings (None / {} without one).
+  hook: router_lib.StepHook | None = None
+  hook_options: dict = dataclasses.field(default_factory=dict)
 
   @classmethod
   def from_config(cls, config: ConfigDict) -> 'StepSettings':
     router, router_config = None, None
-    extra = {}
     if not config.model.dense_ffn:
-      block = layer_lib.MoEBlock(**config_lib.ffn_kwargs(config))
-      router, router_config = config.moe.router, block.router_config()
-      if router == 'remoe':
-        extra = dict(
-            remoe_alpha=float(config.loss.remoe.alpha),
-            remoe_target=1.0 - config.moe.top_k / config.moe.num_experts,
-            remoe_libmoe=router_config.flag('remoe_libmoe'))
+      router = config.moe.router
+      router_config = state_lib.router_config(config)
     return cls(coefficients=dict(config.loss.coefficients),
                layer_reduction=config.loss.layer_reduction,
                grad_accum=config.train.grad_accum, seed=config.train.seed,
                num_layers=config.model.num_layers, router=router,
-               router_config=router_config, **extra)
+               router_config=router_config,
+               hook=state_lib.step_hook(config),
+               hook_options=state_lib.hook_options(config))
+
+  def loss_scales(self, hook_state) -> dict[str, jax.Array]:
+    return {} if self.hook is None else self.hook.loss_scales(hook_state)
 
 
-def _apply(model, params, router_state, inputs, *, train, step, rng=None):
-  variables = {'params': params}
-  if router_state:
-    variables['router_state'] = router_state
-  rngs = {'router': rng} if rng is not None else None
-  return model.apply(variables, inputs, train=train, step=step, rngs=rngs)
-
-
-def _micro_loss(params, router_state, remoe_lambda, batch, step, rng, *,
+def _micro_loss(params, router_state, hook_state, batch, step, rng, *,
                 model, settings: StepSettings):
-  logits, auxes = _apply(model, params, router_state, batch['inputs'],
-                         train=True, step=step, rng=rng)
-  ce, accuracy = token_cross_entropy(logits, batch['targets'])
+  logits, auxes = scoring.apply_model(model, params, router_state,
+                                      batch['inputs'], train=True, step=step,
+                                      rng=rng)
+  ce, accuracy = scoring.token_cross_entropy(logits, batch['targets'])
   layer_losses = stack_layers(auxes, 'losses')
   aux = weighted_aux_loss(layer_losses, settings.coefficients,
-                          settings.layer_reduction, remoe_lambda)
+                          settings.layer_reduction,
+                          settings.loss_scales(hook_state))
   stats = {'ce': ce, 'accuracy': accuracy, 'aux_total': aux,
            'losses': layer_losses, 'layers': stack_layers(auxes, 'metrics')}
   return ce + aux, stats
@@ -268,7 +190,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model,
   def one(grads, inputs):
     index, mb = inputs
     (loss, stats), g = grad_fn(state.params, state.router_state,
-                               state.remoe_lambda, mb, state.step,
+                               state.router_hook, mb, state.step,
                                jax.random.fold_in(step_key, index))
     grads = jax.tree.map(lambda a, b: a + b / accum, grads, g)
     return grads, (loss, stats)
@@ -292,11 +214,11 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model,
         params, router_state, jnp.sum(counts, axis=0), spec=spec,
         router_config=settings.router_config,
         num_layers=settings.num_layers)
-  remoe_lambda = state.remoe_lambda
-  if settings.router == 'remoe':
-    remoe_lambda = update_remoe_lambda(
-        remoe_lambda, layers['remoe_sparsity'], target=settings.remoe_target,
-        alpha=settings.remoe_alpha, libmoe=settings.remoe_libmoe)
+  router_hook = state.router_hook
+  if settings.hook is not None:
+    router_hook = settings.hook.update(router_hook, layers,
+                                       settings.router_config,
+                                       settings.hook_options)
 
   metrics = {
       'loss': jnp.mean(losses), 'ce': stats['ce'],
@@ -315,160 +237,38 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model,
   for name, per_layer in layers.items():
     if name not in ('max_mean_load', 'load_cv', 'expert_load'):
       metrics[name] = jnp.mean(per_layer)
-  if settings.router == 'remoe':
-    metrics['remoe_lambda'] = jnp.mean(state.remoe_lambda)
+  if settings.hook is not None:
+    # The value this step's loss used (before the update).
+    metrics.update(settings.hook.metrics(state.router_hook))
   new_state = state.replace(step=state.step + 1, params=params,
                             opt_state=opt_state, router_state=router_state,
-                            remoe_lambda=remoe_lambda)
+                            router_hook=router_hook)
   return new_state, metrics
 
 
-def eval_step(state: TrainState, batch: dict[str, jax.Array], *, model
-              ) -> dict[str, jax.Array]:
-  """Mean CE and next-token accuracy of one validation batch (no noise)."""
-  logits, _ = _apply(model, state.params, state.router_state, batch['inputs'],
-                     train=False, step=state.step)
-  ce, accuracy = token_cross_entropy(logits, batch['targets'])
-  return {'ce': ce, 'accuracy': accuracy}
-
-
-# ----------------------------------------------------------------------------
-# State construction.
-
-def init_state(key, *, model, optimizer, config: ConfigDict) -> TrainState:
-  """A fresh TrainState; parameters keep their logical boxes (unbox later)."""
-  tokens = jnp.zeros((1, config.train.seq_len), jnp.int32)
-  params_key, router_key = jax.random.split(key)
-  variables = model.init({'params': params_key, 'router': router_key},
-                         tokens, train=False)
-  params = variables['params']
-  lambda0 = 1.0
-  if 'remoe' in config.loss:
-    lambda0 = config.loss.remoe.lambda0
-  return TrainState(
-      step=jnp.zeros((), jnp.int32), params=params,
-      opt_state=optimizer.init(params),
-      router_state=dict(variables.get('router_state', {})),
-      remoe_lambda=jnp.full((config.model.num_layers,), lambda0, jnp.float32))
-
-
-# ----------------------------------------------------------------------------
-# Data.
-
-def build_data(config: ConfigDict, workdir: str) -> pipeline_lib.Pipeline:
-  """Source -> tokenizer (loaded or trained and cached) -> grain pipeline."""
-  data = config.data
-  common = dict(text_field=data.text_field, doc_mode=data.doc_mode,
-                tfds_name=data.tfds_name,
-                tfds_data_dir=data.tfds_data_dir or None,
-                synthetic=data.synthetic.to_dict())
-  source = sources_lib.make_source(
-      data.source, path=data.train_path or None,
-      tfds_split=data.tfds_train_split, **common)
-  valid_source = None
-  if data.source == 'tfds':
-    valid_source = sources_lib.make_source(
-        'tfds', tfds_split=data.tfds_eval_split, **common)
-  elif data.source != 'synthetic' and data.eval_path:
-    valid_source = sources_lib.make_source(
-        data.source, path=data.eval_path, field=sources_lib.EVAL_PATH_FIELD,
-        **common)
-  tokenizer = tokenizer_lib.load_or_train_tokenizer(
-      model_path=data.tokenizer or None, workdir=workdir, texts=source,
-      vocab_size=data.vocab_size, split_digits=data.split_digits,
-      separator=data.doc_separator)
-  if tokenizer.vocab_size != config.model.vocab_size:
-    raise ValueError(
-        f'config.data.tokenizer: the tokenizer has {tokenizer.vocab_size} '
-        f'pieces but config.model.vocab_size={config.model.vocab_size}; set '
-        f'--config.data.vocab_size={tokenizer.vocab_size}')
-  return pipeline_lib.build_pipeline(
-      source, tokenizer, seq_len=data.seq_len,
-      global_batch_size=config.train.global_batch, seed=data.shuffle_seed,
-      valid_source=valid_source,
-      valid_windows=config.train.eval_batches * config.train.global_batch,
-      separator=data.doc_separator, max_tokens=data.max_tokens,
-      max_valid_tokens=data.max_valid_tokens,
-      cache_dir=data.cache_dir or os.path.join(workdir, 'cache'))
-
-
-# ----------------------------------------------------------------------------
-# The run.
-
-def write_text_atomic(path: str, text: str) -> None:
-  """Writes `text` to `path` via a temporary file and a rename (all or nothing)."""
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix='.tmp')
-  with os.fdopen(fd, 'w', encoding='utf-8') as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
-def _flatten(tree: dict, prefix: str = '') -> dict:
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(_flatten(value, f'{prefix}{key}.'))
-    else:
-      out[f'{prefix}{key}'] = value
-  return out
-
-
-def write_resolved_config(config: ConfigDict, workdir: str) -> None:
-  """Writes config.json; on a resume, logs every field that changed."""
-  path = os.path.join(workdir, 'config.json')
-  text = config.to_json_best_effort(indent=2, sort_keys=True)
-  if os.path.exists(path):
-    with open(path, encoding='utf-8') as f:
-      old = _flatten(json.load(f))
-    new = _flatten(json.loads(text))
-    for key in sorted(set(old) | set(new)):
-      if old.get(key) != new.get(key):
-        logging.warning('config.%s changed since the last start of this '
-                        'workdir: %r -> %r', key, old.get(key), new.get(key))
-  write_text_atomic(path, text)
-
-
-def _next_attempt(workdir: str) -> int:
-  path = os.path.join(workdir, run_log_lib.METRICS_FILE)
-  if not os.path.exists(path):
-    return 0
-  with open(path, encoding='utf-8') as f:
-    attempts = [json.loads(line).get('attempt', 0) for line in f
-                if line.strip()]
-  return max(attempts, default=-1) + 1
-
-
-def _check_finite(pending: list[tuple[int, dict]], checkpoints) -> None:
-  for step, metrics in pending:
+def _first_non_finite(pending: list[tuple[int, dict]]):
+  """(index, message) of the first record with a NaN / inf, or None."""
+  for i, (step, metrics) in enumerate(pending):
     for name in ('loss', 'grad_norm', 'param_norm'):
       value = float(metrics[name])
       if not math.isfinite(value):
-        raise TrainingDiverged(
-            f'{name} is {value} at step {step}: training stopped. The last '
-            f'good checkpoint is step {checkpoints.latest_step()} in '
-            f'{checkpoints.directory} (nothing after step {step - 1} was '
-            'saved). Lower train.learning_rate or train.grad_clip, or use '
-            "train.dtype='float32', and restart: the run resumes from it.")
+        return i, f'{name} is {value} at step {step}'
+  return None
+
+
+def _divergence_message(what: str, step: int, checkpoints) -> str:
+  last = checkpoints.latest_step()
+  where = (f'The last good checkpoint is step {last} in '
+           f'{checkpoints.directory} (nothing after step {step - 1} was '
+           'saved); restarting resumes from it.' if last is not None else
+           f'No checkpoint had been saved yet ({checkpoints.directory} is '
+           'empty), so a restart begins from scratch.')
+  return (f'{what}: training stopped. {where} Lower train.learning_rate or '
+          "train.grad_clip, or use train.dtype='float32'.")
 
 
 def _host(metrics: dict) -> dict:
   return {k: np.asarray(v) for k, v in jax.device_get(metrics).items()}
-
-
-def evaluate(state, pipeline, eval_fn, batch_sharding) -> dict[str, float]:
-  """Validation loss (mean CE), perplexity and next-token accuracy."""
-  totals = {'ce': 0.0, 'accuracy': 0.0}
-  count = 0
-  for local in pipeline.valid_iterator():
-    batch = sharding_lib.global_batch(
-        {k: local[k] for k in ('inputs', 'targets')}, batch_sharding)
-    out = jax.device_get(eval_fn(state, batch))
-    for key in totals:
-      totals[key] += float(out[key])
-    count += 1
-  ce = totals['ce'] / count
-  return {'loss': ce, 'ppl': math.exp(min(ce, 50.0)),
-          'accuracy': totals['accuracy'] / count, 'batches': count}
 
 
 def _training_tracer(config: ConfigDict, model, pipeline):
@@ -484,7 +284,97 @@ def _training_tracer(config: ConfigDict, model, pipeline):
         f'train.trace_every: tracing during training is single-process; '
         f'this run has {jax.process_count()} processes. Set it to 0 and '
         'trace checkpoints afterwards with --mode=trace')
-  return trace_lib.routing_fn(model, with_probs=config.train.trace_probs)
+  return tracing.routing_fn(model, with_probs=config.train.trace_probs)
+
+
+def _restore(checkpoints, abstract_state: TrainState, config: ConfigDict,
+             workdir: str):
+  """restore_latest, reading pre-hook checkpoints and naming mismatches.
+
+  A checkpoint whose tree differs from this config's model stops the run
+  with an error naming the changed config fields (nothing is moved aside);
+  a checkpoint written before the router hook existed (`remoe_lambda`) is
+  read in its own layout and converted.
+  """
+  try:
+    return checkpoints.restore_latest(abstract_state)
+  except checkpoint_lib.CheckpointMismatch as e:
+    if not any(state_lib.LEGACY_FIELD in d for d in e.differences):
+      raise restore.mismatch_error(config, workdir, e.step, e.differences,
+                                   'resume') from None
+  legacy = state_lib.legacy_abstract(abstract_state, config.model.num_layers)
+  try:
+    restored = checkpoints.restore_latest(legacy)
+  except checkpoint_lib.CheckpointMismatch as e:
+    raise restore.mismatch_error(config, workdir, e.step, e.differences,
+                                 'resume') from None
+  if restored is None:
+    return None
+  step, old, data_state = restored
+  logging.info('checkpoint %d predates the router step hook; converted its '
+               '%s', step, state_lib.LEGACY_FIELD)
+  return step, state_lib.from_legacy(old, abstract_state.router_hook), \
+      data_state
+
+
+class _MetricsWriter:
+  """Step records in metrics.jsonl and the periodic progress line.
+
+  Records wait on the host until the next log line or checkpoint: every step
+  a checkpoint covers has its record on disk before the checkpoint is saved
+  (a resumed run never re-runs those steps), and a NaN stop writes the
+  records of the good steps before it.
+  """
+
+  def __init__(self, log: run_log_lib.RunLog, checkpoints, *,
+               tokens_per_step: int, flops_per_token: float,
+               peak: float | None, stop: int):
+    self.log, self.checkpoints = log, checkpoints
+    self.tokens_per_step, self.stop = tokens_per_step, stop
+    self.flops_per_token, self.peak = flops_per_token, peak
+    self.pending: list[tuple[int, dict]] = []
+    self.first_loss = self.last_loss = None
+    self.timer_start, self.timer_steps = None, 0
+
+  def add(self, step: int, metrics: dict) -> None:
+    self.pending.append((step, metrics))
+    if self.timer_start is None:
+      # Compilation happens in the first step: time from its end.
+      jax.block_until_ready(metrics['loss'])
+      self.timer_start, self.timer_steps = time.perf_counter(), 0
+    else:
+      self.timer_steps += 1
+
+  def flush(self, *, progress: bool) -> None:
+    """Writes the pending records (raises TrainingDiverged on a NaN)."""
+    if not self.pending:
+      return
+    bad = _first_non_finite(self.pending)
+    good = self.pending if bad is None else self.pending[:bad[0]]
+    step = self.pending[-1][0]
+    seconds = time.perf_counter() - self.timer_start
+    rate = (self.timer_steps * self.tokens_per_step / seconds
+            if self.timer_steps else 0.0)
+    for s, m in good:
+      record = _host(m)
+      if s == step:
+        # Throughput only on the interval's last record.
+        record['tokens_per_s'] = rate
+        if self.peak and rate:
+          record['mfu'] = self.flops_per_token * rate / (
+              self.peak * jax.device_count())
+      self.log.write('train', s, record)
+      if self.first_loss is None:
+        self.first_loss = float(record['loss'])
+      self.last_loss = float(record['loss'])
+    self.pending = []
+    if bad is not None:
+      raise TrainingDiverged(_divergence_message(
+          bad[1], good[-1][0] + 1 if good else step, self.checkpoints))
+    if progress:
+      eta = ((self.stop - step) * seconds / self.timer_steps
+             if self.timer_steps else None)
+      self.log.progress(step, record, rate, eta)
 
 
 def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
@@ -492,32 +382,30 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
 
   Returns:
     {'step', 'first_loss', 'last_loss', 'valid': last validation metrics,
-    'best_step'} of this process's run.
+    'best_step'} of this process's run ('first_loss' / 'last_loss' None
+    when this start trained no step).
 
   Raises:
     TrainingDiverged: a NaN / inf loss or gradient norm; the last good
       checkpoint stays on disk.
+    ValueError: the config does not match the workdir's checkpoints.
   """
   config_lib.validate(config, num_devices=jax.device_count())
   train_cfg = config.train
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   primary = jax.process_index() == 0
-  if primary:
-    write_resolved_config(config, workdir)
 
   mesh = sharding_lib.make_mesh(config.mesh)
   rules = sharding_lib.logical_rules(config.mesh)
   logging.info('mesh: %s over %d %s devices', dict(mesh.shape),
                jax.device_count(), jax.devices()[0].platform)
-  pipeline = build_data(config, workdir)
-  logging.info('data: %s', pipeline.summary())
 
-  model = config_lib.build_model(config)
-  optimizer, schedule = make_optimizer(train_cfg)
+  model = models.build(config)
+  optimizer, schedule = state_lib.make_optimizer(train_cfg)
   settings = StepSettings.from_config(config)
-  init_fn = functools.partial(init_state, model=model, optimizer=optimizer,
-                              config=config)
+  init_fn = functools.partial(state_lib.init_state, model=model,
+                              optimizer=optimizer, config=config)
   key = jax.random.key(train_cfg.seed)
   boxed = jax.eval_shape(init_fn, key)
   state_shardings = sharding_lib.tree_shardings(boxed, mesh, rules)
@@ -531,7 +419,31 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
 
   checkpoints = checkpoint_lib.Checkpointer(
       os.path.join(workdir, 'checkpoints'), keep=train_cfg.keep)
-  restored = checkpoints.restore_latest(abstract_state)
+  try:
+    # Before anything is written: a config that does not match the saved
+    # checkpoints stops here, leaving config.json and the run untouched.
+    restored = _restore(checkpoints, abstract_state, config, workdir)
+  except BaseException:
+    checkpoints.close()
+    raise
+  if primary:
+    run_log_lib.write_resolved_config(config, workdir)
+  stop = train_cfg.halt_at_step or train_cfg.steps
+  if restored is not None and restored[0] >= stop:
+    checkpoints.close()
+    logging.info('nothing to train: %s already holds step %d (train.steps='
+                 '%d%s). Raise --config.train.steps to train further.',
+                 workdir, restored[0], train_cfg.steps,
+                 f', halt_at_step={stop}' if train_cfg.halt_at_step else '')
+    return {'step': restored[0], 'first_loss': None, 'last_loss': None,
+            'valid': None, 'best_step': checkpoints.best_step()}
+  try:
+    pipeline = from_config.build_data(config, workdir)
+  except BaseException:
+    checkpoints.close()
+    raise
+  logging.info('data: %s', pipeline.summary())
+
   if restored is None:
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       state = jax.jit(lambda k: nn.unbox(init_fn(k)),
@@ -549,63 +461,58 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
       in_shardings=(state_shardings, batch_sharding),
       out_shardings=(state_shardings, sharding_lib.replicated(mesh)),
       donate_argnums=0)
-  eval_fn = jax.jit(functools.partial(eval_step, model=model),
-                    in_shardings=(state_shardings, batch_sharding),
+  eval_fn = jax.jit(functools.partial(scoring.eval_step, model=model),
+                    in_shardings=(state_shardings.params,
+                                  state_shardings.router_state,
+                                  state_shardings.step, batch_sharding),
                     out_shardings=sharding_lib.replicated(mesh))
   route_fn = _training_tracer(config, model, pipeline)
 
   step = int(state.step)
-  stop = train_cfg.halt_at_step or train_cfg.steps
-  log = run_log_lib.RunLog(workdir, attempt=_next_attempt(workdir),
+  log = run_log_lib.RunLog(workdir,
+                           attempt=run_log_lib.next_attempt(workdir),
                            total_steps=train_cfg.steps, is_primary=primary)
-  tokens_per_step = train_cfg.global_batch * train_cfg.seq_len
-  flops_per_token = flops_lib.train_flops_per_token(config)
-  peak = flops_lib.peak_flops(jax.devices()[0].device_kind)
+  writer = _MetricsWriter(
+      log, checkpoints,
+      tokens_per_step=train_cfg.global_batch * train_cfg.seq_len,
+      flops_per_token=flops_lib.train_flops_per_token(config),
+      peak=flops_lib.peak_flops(jax.devices()[0].device_kind), stop=stop)
   train_iter = pipeline.train_iterator(data_state)
-  summary = {'step': step, 'first_loss': None, 'last_loss': None,
-             'valid': None}
-  pending: list[tuple[int, dict]] = []
-  timer_start, timer_steps = None, 0
+  summary = {'step': step, 'valid': None}
+
+  def validate_now():
+    batches = (sharding_lib.global_batch(
+        {k: local[k] for k in ('inputs', 'targets')}, batch_sharding)
+               for local in pipeline.valid_iterator())
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      return scoring.evaluate(
+          lambda b: eval_fn(state.params, state.router_state, state.step, b),
+          batches)
+
   try:
     while step < stop:
       local = next(train_iter)
       batch = sharding_lib.global_batch(
           {k: local[k] for k in ('inputs', 'targets')}, batch_sharding)
+      if writer.timer_start is None:
+        logging.info('compiling the train step (the first step includes '
+                     'it)...')
+        compile_start = time.perf_counter()
       with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         state, metrics = step_fn(state, batch)
       step += 1
-      pending.append((step, metrics))
-      if timer_start is None:
-        # Compilation happens in the first step: time from its end.
-        jax.block_until_ready(metrics['loss'])
-        timer_start, timer_steps = time.perf_counter(), 0
-      else:
-        timer_steps += 1
+      first = writer.timer_start is None
+      writer.add(step, metrics)
+      if first:
+        logging.info('first step (compilation included) took %.1f s',
+                     time.perf_counter() - compile_start)
       last = step == stop
       if step % train_cfg.log_every == 0 or last:
-        _check_finite(pending, checkpoints)
-        host = _host(pending[-1][1])
-        seconds = time.perf_counter() - timer_start
-        rate = timer_steps * tokens_per_step / seconds if timer_steps else 0.
-        if peak and rate:
-          host['mfu'] = flops_per_token * rate / (peak * jax.device_count())
-        host['tokens_per_s'] = rate
-        if summary['first_loss'] is None:
-          summary['first_loss'] = float(_host(pending[0][1])['loss'])
-        summary['last_loss'] = float(host['loss'])
-        for s, m in pending:
-          # Every step's own values (losses are exact per step for resume
-          # checks); throughput only on the interval's last record.
-          record = _host(m) if s != step else host
-          log.write('train', s, record)
-        eta = (stop - step) * seconds / timer_steps if timer_steps else None
-        log.progress(step, host, rate, eta)
-        pending = []
+        writer.flush(progress=True)
       valid_loss = None
       if pipeline.valid is not None and (
           step % train_cfg.eval_every == 0 or step == train_cfg.steps):
-        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-          valid = evaluate(state, pipeline, eval_fn, batch_sharding)
+        valid = validate_now()
         valid_loss = valid['loss']
         summary['valid'] = valid
         log.write('valid', step, valid)
@@ -615,20 +522,30 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
       if route_fn is not None and (step % train_cfg.trace_every == 0 or
                                    step == train_cfg.steps):
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-          traced = trace_lib.trace_state(
+          traced = tracing.trace_state(
               route_fn, state.params, state.router_state, pipeline,
               os.path.join(workdir, 'traces'), step)
         logging.info('step %d: traced %d token-layer rows to %s', step,
                      traced['rows'], traced['path'])
       if step % train_cfg.checkpoint_every == 0 or last:
-        _check_finite(pending, checkpoints)
+        # The records of every step this checkpoint covers go first.
+        writer.flush(progress=False)
+        save_start = time.perf_counter()
         checkpoints.save(step, state, train_iter.get_state(), valid_loss)
+        logging.info('checkpoint %d: save started in %.2f s (written in the '
+                     'background)', step, time.perf_counter() - save_start)
     summary['step'] = step
   finally:
-    checkpoints.close()
-    log.close()
+    try:
+      checkpoints.close()
+    finally:
+      log.close()
+  summary['first_loss'], summary['last_loss'] = (writer.first_loss,
+                                                 writer.last_loss)
   summary['best_step'] = checkpoints.best_step()
-  logging.info('done at step %d; first loss %s, last loss %s; best '
-               'checkpoint %s', step, summary['first_loss'],
-               summary['last_loss'], summary['best_step'])
+  best = summary['best_step']
+  logging.info('done at step %d: loss %.4f at the first step of this start, '
+               '%.4f at the last; best checkpoint by validation loss: %s',
+               step, writer.first_loss, writer.last_loss,
+               best if best is not None else 'none (no validation yet)')
   return summary

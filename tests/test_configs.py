@@ -16,6 +16,9 @@ import jax.numpy as jnp
 import pytest
 
 from moe_jax import config_lib
+from moe_jax import lm_experiment
+from moe_jax import models
+from moe_jax.models import decoder
 from moe_jax.moe import router as router_lib
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / 'configs'
@@ -39,10 +42,10 @@ _COUNTS = {}
 def param_count(config) -> int:
   """Trainable parameters of the config's model, by eval_shape (memoised)."""
   # The model is a function of the model and ffn kwargs and the dtype only.
-  key = json.dumps([config.model.to_dict(), config_lib.ffn_kwargs(config),
+  key = json.dumps([config.model.to_dict(), decoder.ffn_kwargs(config),
                     config.train.dtype], sort_keys=True, default=str)
   if key not in _COUNTS:
-    model = config_lib.build_model(config)
+    model = models.build(config)
     tokens = jnp.zeros((1, 8), jnp.int32)
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), tokens))
     _COUNTS[key] = sum(math.prod(x.shape)
@@ -53,7 +56,7 @@ def param_count(config) -> int:
 def test_every_router_has_both_sizes():
   names = {p.stem for p in CONFIG_FILES}
   for router in list(router_lib.ROUTERS) + ['dense']:
-    for size in config_lib.SIZES:
+    for size in lm_experiment.SIZES:
       assert f'{router}_{size}' in names
 
 
@@ -130,7 +133,7 @@ def test_size_recipes():
           ds.moe.shared_width) == (64, 6, 2, None)
   # Compute matching (§6.4): k m = 2d, DeepSeek (k m + 2 m) = 2d; tiny: d.
   for name in ('smoe', 'deepseek_v2'):
-    for size in config_lib.SIZES:
+    for size in lm_experiment.SIZES:
       for arg, active in ((None, 2), ('tiny', 1)):
         c = get_config(f'{name}_{size}', arg).moe
         width = c.top_k * c.expert_width + c.shared_experts * c.expert_width
@@ -142,8 +145,8 @@ def test_init_stds_match_libmoe_table():
   table = {(16, 512, 128): (0.015625, 0.003847, 0.003906, 0.022097),
            (18, 1024, 256): (0.010417, 0.002564, 0.002604, 0.014731)}
   for (layers, d, m), (w1, w2_66, w2_64, w2s) in table.items():
-    std66 = config_lib.libmoe_init_stds(layers, d, 66, m, 2 * m)
-    std64 = config_lib.libmoe_init_stds(layers, d, 64, m, 2 * m)
+    std66 = lm_experiment.libmoe_init_stds(layers, d, 66, m, 2 * m)
+    std64 = lm_experiment.libmoe_init_stds(layers, d, 64, m, 2 * m)
     for got, want in ((std66['w_in'], w1), (std66['router'], w1),
                       (std66['shared_w_in'], w1), (std66['w_out'], w2_66),
                       (std64['w_out'], w2_64), (std64['shared_w_out'], w2s)):

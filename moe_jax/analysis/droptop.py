@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import math
 import os
 
 import jax
@@ -24,10 +23,12 @@ import pandas as pd
 from absl import logging
 from ml_collections import ConfigDict
 
-from moe_jax import config_lib
-from moe_jax import inference
-from moe_jax import train as train_lib
+from moe_jax import models
+from moe_jax import restore
+from moe_jax import scoring
 from moe_jax.analysis import results
+from moe_jax.analysis import tracing
+from moe_jax.data import from_config
 from moe_jax.moe import router as router_lib
 
 NAMES = {0: 'intact', 1: 'DropTop-1', 2: 'DropTop-1&2'}
@@ -73,26 +74,22 @@ def evaluate_droptop(config: ConfigDict, workdir: str, *,
   for n in sorted(set(drops) - set(usable)):
     logging.warning('DropTop-%d skipped: the router has %d slot(s) per token, '
                     'and drop_top must leave at least one', n, slots)
-  _, state, step = inference.restore_trained(config, workdir, step,
-                                             what='evaluate')
-  pipeline = train_lib.build_data(config, os.path.abspath(workdir))
+  tracing.require_routing(config, 'evaluate')
+  run = restore.restore_run(config, workdir, step, what='evaluate')
+  step = run.step
+  pipeline = from_config.build_data(config, os.path.abspath(workdir))
   rows = []
   for n in [0, *usable]:
-    model = config_lib.build_model(with_drop_top(config, n))
-    eval_fn = jax.jit(functools.partial(train_lib.eval_step, model=model))
-    totals, batches = np.zeros(2), 0
-    for batch in pipeline.valid_iterator():
-      out = jax.device_get(eval_fn(state, {k: np.asarray(batch[k]) for k in
-                                           ('inputs', 'targets')}))
-      totals += [float(out['ce']), float(out['accuracy'])]
-      batches += 1
-    if not batches:
-      raise ValueError('evaluate_droptop: the validation set is empty '
-                       '(config.train.eval_batches, data.eval_path)')
-    loss, accuracy = totals / batches
+    model = models.build(with_drop_top(config, n))
+    eval_fn = jax.jit(functools.partial(scoring.eval_step, model=model))
+    score = lambda batch: eval_fn(run.params, run.router_state, run.step,
+                                  batch)
+    valid = scoring.evaluate(score, (
+        {k: np.asarray(batch[k]) for k in ('inputs', 'targets')}
+        for batch in pipeline.valid_iterator()))
     rows.append({'drop': n, 'name': NAMES.get(n, f'DropTop-{n}'),
-                 'loss': loss, 'ppl': math.exp(min(loss, 50.0)),
-                 'accuracy': accuracy})
+                 'loss': valid['loss'], 'ppl': valid['ppl'],
+                 'accuracy': valid['accuracy']})
   frame = pd.DataFrame(rows)
   frame['delta_loss'] = frame['loss'] - frame['loss'].iloc[0]
   frame['delta_accuracy'] = frame['accuracy'] - frame['accuracy'].iloc[0]

@@ -11,14 +11,13 @@ import os
 
 import pandas as pd
 
+from moe_jax import run_log
+
 
 def write_table(workdir: str, name: str, frame: pd.DataFrame) -> str:
   """Saves `frame` as DIR/<name> (JSON records, atomically); returns the path."""
-  # pylint: disable=g-import-not-at-top
-  from moe_jax import train as train_lib
-  # pylint: enable=g-import-not-at-top
   path = os.path.join(os.path.abspath(workdir), name)
-  train_lib.write_text_atomic(
+  run_log.write_text_atomic(
       path, json.dumps(frame.to_dict(orient='records'), indent=1))
   return path
 

@@ -24,7 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
+from moe_jax import restore
 from moe_jax.analysis import results
+from moe_jax.analysis import tracing
+from moe_jax.data import from_config
 from moe_jax.moe import experts as experts_lib
 from moe_jax.moe import layer as layer_lib
 
@@ -178,16 +181,10 @@ def evaluate_similarity(config, workdir: str, *, step: int | None = None,
   Returns:
     (per-layer frame with a 'step' column, [L, E, E] CKA matrices).
   """
-  # pylint: disable=g-import-not-at-top
-  from moe_jax import inference
-  from moe_jax import train as train_lib
-  # pylint: enable=g-import-not-at-top
-  model, state, step = inference.restore_trained(config, workdir, step,
-                                                 what='compare experts of')
-  pipeline = train_lib.build_data(config, os.path.abspath(workdir))
-  variables = {'params': state.params}
-  if state.router_state:
-    variables['router_state'] = state.router_state
+  tracing.require_routing(config, 'compare experts of')
+  run = restore.restore_run(config, workdir, step, what='compare experts of')
+  model, variables, step = run.model, run.variables, run.step
+  pipeline = from_config.build_data(config, os.path.abspath(workdir))
   per_layer, seen = None, 0
   for batch in pipeline.valid_iterator():
     inputs = moe_layer_inputs(model, variables, np.asarray(batch['inputs']))
@@ -199,7 +196,7 @@ def evaluate_similarity(config, workdir: str, *, step: int | None = None,
   if per_layer is None:
     raise ValueError('evaluate_similarity: the validation set is empty')
   per_layer = [a[:max_tokens] for a in per_layer]
-  frame, cka = layer_similarity(state.params, per_layer,
+  frame, cka = layer_similarity(run.params, per_layer,
                                 num_experts=config.moe.num_experts,
                                 activation=config.moe.activation)
   frame['step'] = step

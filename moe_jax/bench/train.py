@@ -25,7 +25,9 @@ import numpy as np
 
 from moe_jax import config_lib
 from moe_jax import flops as flops_lib
+from moe_jax import models
 from moe_jax import sharding as sharding_lib
+from moe_jax import state as state_lib
 from moe_jax import train as train_lib
 from moe_jax.moe import router as router_lib
 
@@ -48,10 +50,10 @@ def time_train_step(config, *, steps: int, warmup: int,
   """
   mesh = sharding_lib.make_mesh(config.mesh, devices)
   rules = sharding_lib.logical_rules(config.mesh)
-  model = config_lib.build_model(config)
-  optimizer, schedule = train_lib.make_optimizer(config.train)
+  model = models.build(config)
+  optimizer, schedule = state_lib.make_optimizer(config.train)
   settings = train_lib.StepSettings.from_config(config)
-  init = functools.partial(train_lib.init_state, model=model,
+  init = functools.partial(state_lib.init_state, model=model,
                            optimizer=optimizer, config=config)
   key = jax.random.key(config.train.seed)
   shardings = sharding_lib.tree_shardings(jax.eval_shape(init, key), mesh,

@@ -21,6 +21,10 @@ MapDataset with random access, so the iterator's state is one integer, the
 next batch index: `it.get_state()` / `it.set_state(state)` (or grain's orbax
 `grain.checkpoint.CheckpointHandler`) resume exactly where a run stopped.
 
+Errors name the argument at fault, first (`seq_len=0: expected >= 1.`) and in
+backticks in hints (`global_batch_size`); moe_jax/data/from_config.py maps
+the names to config fields.
+
 Dimension legend: B batch (per process), G global batch, S sequence (context),
 W windows, N tokens in the stream, P processes.
 """
@@ -33,21 +37,15 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from typing import Any, Iterable, Protocol, Sequence
 
+from absl import logging
 import grain
 import numpy as np
 
 from moe_jax.data import sources as sources_lib
 from moe_jax.data.tokenizer import DOC_SEPARATOR
-
-# Config fields named in error messages (moe_jax/config_lib.py).
-BATCH_FIELD = "config.train.global_batch"
-SEQ_LEN_FIELD = "config.data.seq_len"
-MAX_TOKENS_FIELD = "config.data.max_tokens"
-# valid_windows = eval_batches * global_batch in the configs.
-VALID_FIELD = "config.train.eval_batches"
-SEED_FIELD = "config.data.shuffle_seed"
 
 
 class Tokenizer(Protocol):
@@ -209,7 +207,9 @@ def load_or_tokenize(
   The cache is keyed by the source's description (paths, sizes, mtimes),
   the tokenizer model's hash, the separator and `max_tokens`; tokens are
   memory-mapped on reuse. Written to a temporary directory and renamed, so
-  concurrent processes never read a partial cache.
+  concurrent processes never read a partial cache. A cache whose files do
+  not match its meta.json (a truncated tokens.bin, say, from an interrupted
+  copy) is logged as a warning, moved aside and rebuilt.
 
   Args:
     source: a Source.
@@ -219,17 +219,104 @@ def load_or_tokenize(
 
   Returns:
     The TokenStream.
+
+  Raises:
+    ValueError: the cache is still inconsistent after a rebuild.
   """
   if cache_dir is None:
-    return tokenize_documents(source.documents(), tokenizer,
-                              separator=separator, max_tokens=max_tokens,
-                              num_domains=source.num_domains)
+    logging.info("tokenizing %s in memory (no cache directory)",
+                 describe_short(source))
+    start = time.perf_counter()
+    stream = tokenize_documents(source.documents(), tokenizer,
+                                separator=separator, max_tokens=max_tokens,
+                                num_domains=source.num_domains)
+    logging.info("tokenized: %d tokens in %.1f s", len(stream.tokens),
+                 time.perf_counter() - start)
+    return stream
   cache_dir = os.fspath(cache_dir)
   key = _cache_key(source, tokenizer, separator, max_tokens)
   final = os.path.join(cache_dir, f"tokens-{key}")
-  if not os.path.isfile(os.path.join(final, "meta.json")):
-    os.makedirs(cache_dir, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=cache_dir, prefix=".tokens-tmp-")
+  if os.path.exists(final):
+    try:
+      stream = _read_cache(final)
+      logging.info("loaded token cache %s (%d tokens)", final,
+                   len(stream.tokens))
+      return stream
+    except _BadCache as e:
+      logging.warning("token cache %s is inconsistent (%s): rebuilding it.",
+                      final, e)
+      _discard(final)
+  _build_cache(source, tokenizer, final, separator=separator,
+               max_tokens=max_tokens)
+  try:
+    return _read_cache(final)
+  except _BadCache as e:
+    raise ValueError(
+        f"cache_dir={cache_dir!r}: the token cache {final} is inconsistent "
+        f"right after it was rebuilt ({e}). Delete the directory {final} "
+        "(it is rebuilt on the next run) and check the disk."
+    ) from e
+
+
+class _BadCache(Exception):
+  """A token cache whose files do not match its meta.json."""
+
+
+def _read_cache(final: str) -> TokenStream:
+  """The cached stream in `final`, checked against its meta.json.
+
+  Raises:
+    _BadCache: a file is missing, unreadable, or of the wrong size.
+  """
+  try:
+    with open(os.path.join(final, "meta.json")) as f:
+      meta = json.load(f)
+    n, dtype = int(meta["num_tokens"]), np.dtype(meta["dtype"])
+    num_domains = int(meta["num_domains"])
+    doc_starts = np.load(os.path.join(final, "doc_starts.npy"))
+    doc_domains = np.load(os.path.join(final, "doc_domains.npy"))
+    size = os.path.getsize(os.path.join(final, "tokens.bin"))
+  except (OSError, ValueError, KeyError, TypeError, EOFError) as e:
+    raise _BadCache(f"{type(e).__name__}: {e}") from e
+  # np.memmap of a short file fails with 'mmap length is greater than file
+  # size', which names neither the file nor the fix: check first.
+  if size != n * dtype.itemsize:
+    raise _BadCache(f"tokens.bin holds {size} bytes, meta.json says {n} "
+                    f"{dtype.name} tokens = {n * dtype.itemsize} bytes")
+  if len(doc_starts) != len(doc_domains) or (
+      len(doc_starts) and not 0 <= doc_starts[-1] <= n):
+    raise _BadCache(f"doc_starts.npy ({len(doc_starts)} documents) and "
+                    f"doc_domains.npy ({len(doc_domains)}) do not match")
+  tokens = (np.memmap(os.path.join(final, "tokens.bin"), dtype=dtype,
+                      mode="r", shape=(n,)) if n else np.zeros([0], dtype))
+  return TokenStream(tokens, doc_starts, doc_domains, num_domains)
+
+
+def _discard(final: str) -> None:
+  """Removes a bad cache directory; a rename first, so no reader sees half."""
+  aside = tempfile.mkdtemp(dir=os.path.dirname(final), prefix=".tokens-bad-")
+  try:
+    os.replace(final, os.path.join(aside, "cache"))
+  except OSError:
+    # Another process moved it first (and is rebuilding it).
+    pass
+  shutil.rmtree(aside, ignore_errors=True)
+
+
+def _build_cache(source: sources_lib.Source, tokenizer: Tokenizer, final: str,
+                 *, separator: str, max_tokens: int | None) -> None:
+  """Tokenizes `source` into the cache directory `final`, atomically.
+
+  Everything is written into a temporary directory next to `final`, which
+  is then renamed to `final`: a reader sees the whole cache or none of it.
+  """
+  cache_dir = os.path.dirname(final)
+  os.makedirs(cache_dir, exist_ok=True)
+  logging.info("building the token cache %s from %s", final,
+               describe_short(source))
+  start = time.perf_counter()
+  tmp = tempfile.mkdtemp(dir=cache_dir, prefix=".tokens-tmp-")
+  try:
     dtype = _token_dtype(tokenizer)
     lengths, domains = [], []
     # Tokens go straight to disk: the stream can be larger than memory.
@@ -248,21 +335,17 @@ def load_or_tokenize(
                  "num_domains": source.num_domains,
                  "source": source.describe(), "separator": separator,
                  "max_tokens": max_tokens}, f, indent=1)
-    try:
-      os.replace(tmp, final)
-    except OSError:
-      # Another process finished the same cache first: use theirs.
-      shutil.rmtree(tmp, ignore_errors=True)
-  with open(os.path.join(final, "meta.json")) as f:
-    meta = json.load(f)
-  n = meta["num_tokens"]
-  tokens = (np.memmap(os.path.join(final, "tokens.bin"), dtype=meta["dtype"],
-                      mode="r", shape=(n,)) if n else
-            np.zeros([0], meta["dtype"]))
-  return TokenStream(tokens,
-                     np.load(os.path.join(final, "doc_starts.npy")),
-                     np.load(os.path.join(final, "doc_domains.npy")),
-                     meta["num_domains"])
+  except BaseException:
+    # A source error (bad file, Ctrl-C) leaves no partial directory behind.
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  try:
+    os.replace(tmp, final)
+  except OSError:
+    # Another process finished the same cache first: use theirs.
+    shutil.rmtree(tmp, ignore_errors=True)
+  logging.info("token cache: %d tokens in %.1f s -> %s", num_tokens,
+               time.perf_counter() - start, final)
 
 
 # --------------------------------------------------------------------------
@@ -284,7 +367,7 @@ class PackedWindows:
   def __init__(self, stream: TokenStream, seq_len: int, start: int = 0,
                stop: int | None = None):
     if seq_len < 1:
-      raise ValueError(f"{SEQ_LEN_FIELD}={seq_len}: expected >= 1.")
+      raise ValueError(f"seq_len={seq_len}: expected >= 1.")
     self.stream, self.seq_len = stream, seq_len
     total = len(stream.tokens) // (seq_len + 1)
     stop = total if stop is None else stop
@@ -418,16 +501,16 @@ def batched_dataset(
   process_index, process_count = resolve_process(process_index, process_count)
   if global_batch_size < 1 or global_batch_size % process_count:
     raise ValueError(
-        f"{BATCH_FIELD}={global_batch_size}: expected a positive multiple of "
-        f"the process count {process_count}."
+        f"global_batch_size={global_batch_size}: expected a positive "
+        f"multiple of the process count {process_count}."
     )
   if not len(windows):
-    raise ValueError("no windows to batch: the token stream is shorter than "
-                     f"one window; lower {SEQ_LEN_FIELD} or add data.")
+    raise ValueError("windows: none to batch, the token stream is shorter "
+                     "than one window; lower `seq_len` or add data.")
   ds = grain.MapDataset.source(windows)
   if shuffle:
     if seed is None:
-      raise ValueError(f"shuffle=True needs a seed ({SEED_FIELD}).")
+      raise ValueError("seed=None: shuffle=True needs a seed.")
     ds = ds.shuffle(seed=seed)
   if num_epochs != 1:
     # After shuffle: grain reshuffles each epoch with seed + epoch.
@@ -507,9 +590,8 @@ class Pipeline:
     """A fresh pass over the validation batches (same order every time)."""
     if self.valid is None:
       raise ValueError(
-          f"no validation data: set {VALID_FIELD} > 0 (validation windows "
-          f"from the end of the training data, or from "
-          f"{sources_lib.EVAL_PATH_FIELD}).")
+          "no validation data: build the pipeline with `valid_windows` > 0 "
+          "(windows from the end of the training data) or a `valid_source`.")
     return make_iterator(self.valid, num_threads=self.num_threads,
                          prefetch=self.prefetch)
 
@@ -571,8 +653,7 @@ def build_pipeline(
   """
   process_index, process_count = resolve_process(process_index, process_count)
   if valid_windows < 0:
-    raise ValueError(
-        f"valid_windows={valid_windows} ({VALID_FIELD}): expected >= 0.")
+    raise ValueError(f"valid_windows={valid_windows}: expected >= 0.")
   stream = load_or_tokenize(source, tokenizer, cache_dir=cache_dir,
                             separator=separator, max_tokens=max_tokens)
   total = len(stream.tokens) // (seq_len + 1)
@@ -591,12 +672,11 @@ def build_pipeline(
   if len(train) < global_batch_size:
     held_out = valid_windows if valid_source is None else 0
     raise ValueError(
-        f"{describe_short(source)}: {len(stream.tokens)} tokens make "
-        f"{len(train)} training windows of {SEQ_LEN_FIELD}+1={seq_len + 1} "
-        f"tokens (after {held_out} validation windows, {VALID_FIELD}, held "
-        f"out), fewer than one global batch ({BATCH_FIELD}="
-        f"{global_batch_size}). Add data, raise {MAX_TOKENS_FIELD}, or lower "
-        f"{SEQ_LEN_FIELD} / {BATCH_FIELD}."
+        f"global_batch_size={global_batch_size}: more than the {len(train)} "
+        f"training windows of `seq_len`+1={seq_len + 1} tokens that "
+        f"{describe_short(source)} makes ({len(stream.tokens)} tokens, after "
+        f"{held_out} validation windows, `valid_windows`, held out). Add "
+        "data, raise `max_tokens`, or lower `seq_len` / `global_batch_size`."
     )
   common = dict(global_batch_size=global_batch_size,
                 process_index=process_index, process_count=process_count)
@@ -606,10 +686,17 @@ def build_pipeline(
   if len(valid) >= global_batch_size:
     valid_ds = batched_dataset(valid, shuffle=False, num_epochs=1, **common)
   elif len(valid) or (valid_source is not None):
+    short = (f"{len(valid)} validation windows of `seq_len`+1={seq_len + 1} "
+             "tokens are fewer than one global batch (`global_batch_size`="
+             f"{global_batch_size})")
+    if valid_source is not None:
+      raise ValueError(
+          f"valid_source: {describe_short(valid_source)} makes only {short}. "
+          "Give more validation data, or raise `max_valid_tokens`."
+      )
     raise ValueError(
-        f"{len(valid)} validation windows are fewer than one global batch "
-        f"({BATCH_FIELD}={global_batch_size}): raise {VALID_FIELD} or give "
-        f"more validation data ({sources_lib.EVAL_PATH_FIELD})."
+        f"valid_windows={valid_windows}: {short}. Raise `valid_windows` to "
+        "a multiple of `global_batch_size`, or set it to 0."
     )
   return Pipeline(
       train=train_ds, valid=valid_ds, seq_len=seq_len,

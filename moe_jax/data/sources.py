@@ -7,7 +7,7 @@ Every source has the same small interface (`Source`):
   num_domains -> int                                  # 0 when unlabeled
   describe()  -> str                                  # stable id for caches
 
-Kinds (`make_source(kind, ...)`, the string in `config.data.source`):
+Kinds (`make_source(kind, ...)`):
 
   files         text / JSON-lines / Parquet files, picked by file extension
   text          .txt files; one document per file, per line or per paragraph
@@ -21,8 +21,13 @@ File sources take a file, a directory (searched recursively for the kind's
 suffixes) or a glob pattern, or a list of these; directories of shards, as
 SlimPajama arrives, are read in sorted order, optionally permuted with
 `shard_seed` (LibMoE permutes its shards with np.random.default_rng(123),
-algorithms.md §6.3). A missing path raises FileNotFoundError naming what was
-looked for and the config field that points at it.
+algorithms.md §6.3).
+
+Errors name the argument at fault, first (`path='/x': no Parquet data
+found ...`) and in backticks in hints (`text_field`); this module knows no
+config fields, moe_jax/data/from_config.py maps the names to them. A missing
+path raises FileNotFoundError naming what was looked for; text that is not
+UTF-8 raises ValueError naming the file and line.
 """
 
 from __future__ import annotations
@@ -36,17 +41,8 @@ from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
 
-# Config fields named in error messages, so a user knows what to change
-# (moe_jax/config_lib.py; the validation files use config.data.eval_path).
-PATH_FIELD = "config.data.train_path"
-EVAL_PATH_FIELD = "config.data.eval_path"
-TEXT_FIELD_FIELD = "config.data.text_field"
-TFDS_NAME_FIELD = "config.data.tfds_name"
-TFDS_DIR_FIELD = "config.data.tfds_data_dir"
-SOURCE_FIELD = "config.data.source"
-
 _SYNTHETIC_HINT = (
-    f"or set {SOURCE_FIELD}='synthetic' to train on the built-in corpus"
+    "or set `kind`='synthetic' to train on the built-in corpus"
 )
 
 
@@ -86,7 +82,6 @@ def resolve_paths(
     suffixes: Sequence[str],
     *,
     kind: str,
-    field: str = PATH_FIELD,
     shard_seed: int | None = None,
 ) -> list[str]:
   """Expands files, directories and glob patterns into a list of files.
@@ -97,7 +92,6 @@ def resolve_paths(
     suffixes: accepted file name endings for directory searches, e.g.
       ('.jsonl', '.jsonl.gz'). Explicit files and globs are taken as given.
     kind: the source kind, for error messages ('jsonl', ...).
-    field: the config field that holds `spec`, for error messages.
     shard_seed: if set, the file list is permuted with
       np.random.default_rng(shard_seed) (LibMoE's shard order uses 123).
 
@@ -111,8 +105,8 @@ def resolve_paths(
     spec = [spec]
   if not spec:
     raise FileNotFoundError(
-        f"{field} is empty: no {kind} files to read. Set {field} to a file, "
-        f"a directory or a glob pattern, {_SYNTHETIC_HINT}."
+        f"path is empty: no {kind} files to read. Set `path` to a file, a "
+        f"directory or a glob pattern, {_SYNTHETIC_HINT}."
     )
   files: list[str] = []
   for entry in spec:
@@ -135,8 +129,8 @@ def resolve_paths(
       found, what = [], "the file or directory"
     if not found:
       raise FileNotFoundError(
-          f"{field}={entry!r}: no {kind} data found (looked for {what} "
-          f"{os.path.abspath(entry)!r}). Point {field} at a file, a "
+          f"path={entry!r}: no {kind} data found (looked for {what} "
+          f"{os.path.abspath(entry)!r}). Point `path` at a file, a "
           f"directory or a glob pattern such as '/data/slimpajama/train/"
           f"*.parquet', {_SYNTHETIC_HINT}."
       )
@@ -156,15 +150,55 @@ def _stat_id(paths: Sequence[str]) -> str:
   return ";".join(parts)
 
 
-def _open_text(path: str) -> io.TextIOBase:
-  """Opens a possibly compressed (.gz, .zst) text file for reading."""
+def _open_binary(path: str) -> io.BufferedIOBase:
+  """Opens a possibly compressed (.gz, .zst) file for reading bytes."""
   if path.endswith(".gz"):
-    return gzip.open(path, "rt", encoding="utf-8")
+    return gzip.open(path, "rb")
   if path.endswith(".zst"):
     import pyarrow as pa  # pylint: disable=g-import-not-at-top
     raw = pa.CompressedInputStream(pa.OSFile(path, "rb"), "zstd")
-    return io.TextIOWrapper(io.BufferedReader(raw), encoding="utf-8")
+    return io.BufferedReader(raw)
+  return open(path, "rb")
+
+
+def _open_text(path: str) -> io.TextIOBase:
+  """Opens a possibly compressed (.gz, .zst) UTF-8 text file for reading."""
+  if path.endswith((".gz", ".zst")):
+    return io.TextIOWrapper(_open_binary(path), encoding="utf-8")
   return open(path, "r", encoding="utf-8")
+
+
+def _not_utf8(path: str, error: UnicodeDecodeError) -> ValueError:
+  """The error for a file that is not UTF-8, naming its first bad line.
+
+  The decoder reads in blocks, so `error` does not say which line failed:
+  the file is scanned again line by line, only on this failure path. A
+  UTF-8 sequence never contains a newline byte, so lines decode alone.
+  """
+  where, detail = path, error.reason
+  with _open_binary(path) as f:
+    for lineno, line in enumerate(f, 1):
+      try:
+        line.decode("utf-8")
+      except UnicodeDecodeError as e:
+        where = f"{path}:{lineno}"
+        detail = (f"byte 0x{line[e.start]:02x}, byte {e.start + 1} of the "
+                  f"line: {e.reason}")
+        break
+  name = os.path.basename(path)
+  stem, dot, ext = name.partition(".")
+  fixed = f"{stem}.utf8{dot}{ext}"
+  iconv = "iconv -f latin1 -t utf-8"
+  if ext.endswith(("gz", "zst")):
+    cat, pack = ("zcat", "gzip") if ext.endswith("gz") else ("zstdcat", "zstd")
+    command = f"{cat} {name} | {iconv} | {pack} > {fixed}"
+  else:
+    command = f"{iconv} {name} > {fixed}"
+  return ValueError(
+      f"{where}: not UTF-8 text ({detail}). Text files are read as UTF-8: "
+      f"re-encode the file in place (Latin-1 text: `{command} && mv "
+      f"{fixed} {name}`), or remove binary files from `path`."
+  )
 
 
 # --------------------------------------------------------------------------
@@ -179,40 +213,45 @@ class TextSource(Source):
     doc_mode: 'file' (each file is one document), 'line' (each non-empty
       line) or 'paragraph' (blocks separated by blank lines).
     shard_seed: optional permutation seed for the file order.
-    field: config field holding `path`, for error messages.
   """
 
   suffixes = (".txt", ".txt.gz", ".raw", ".tokens")
 
   def __init__(self, path, *, doc_mode: str = "file",
-               shard_seed: int | None = None, field: str = PATH_FIELD):
+               shard_seed: int | None = None):
     if doc_mode not in ("file", "line", "paragraph"):
       raise ValueError(
-          f"config.data.doc_mode={doc_mode!r}: expected 'file', 'line' or "
+          f"doc_mode={doc_mode!r}: expected 'file', 'line' or "
           "'paragraph'."
       )
-    self.paths = resolve_paths(path, self.suffixes, kind="text", field=field,
+    self.paths = resolve_paths(path, self.suffixes, kind="text",
                                shard_seed=shard_seed)
     self.doc_mode = doc_mode
 
   def documents(self) -> Iterator[Document]:
     for path in self.paths:
-      with _open_text(path) as f:
-        if self.doc_mode == "line":
-          for line in f:
-            line = line.rstrip("\r\n")
-            if line.strip():
-              yield Document(line)
-          continue
-        text = f.read()
-      if self.doc_mode == "file":
-        if text:
-          yield Document(text)
-      else:
-        text = text.replace("\r\n", "\n")
-        for block in text.split("\n\n"):
-          if block.strip():
-            yield Document(block.strip("\n"))
+      try:
+        yield from self._file_documents(path)
+      except UnicodeDecodeError as e:
+        raise _not_utf8(path, e) from e
+
+  def _file_documents(self, path: str) -> Iterator[Document]:
+    with _open_text(path) as f:
+      if self.doc_mode == "line":
+        for line in f:
+          line = line.rstrip("\r\n")
+          if line.strip():
+            yield Document(line)
+        return
+      text = f.read()
+    if self.doc_mode == "file":
+      if text:
+        yield Document(text)
+    else:
+      text = text.replace("\r\n", "\n")
+      for block in text.split("\n\n"):
+        if block.strip():
+          yield Document(block.strip("\n"))
 
   def describe(self) -> str:
     return f"TextSource({self.doc_mode}; {_stat_id(self.paths)})"
@@ -226,45 +265,50 @@ class JsonlSource(Source):
       .gz / .zst compressed forms).
     text_field: the key holding the document text (default 'text').
     shard_seed: optional permutation seed for the file order.
-    field: config field holding `path`, for error messages.
   """
 
   suffixes = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst",
               ".json.zst")
 
   def __init__(self, path, *, text_field: str = "text",
-               shard_seed: int | None = None, field: str = PATH_FIELD):
+               shard_seed: int | None = None):
     self.paths = resolve_paths(path, self.suffixes, kind="JSON-lines",
-                               field=field, shard_seed=shard_seed)
+                               shard_seed=shard_seed)
     self.text_field = text_field
 
   def documents(self) -> Iterator[Document]:
     for path in self.paths:
-      with _open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
-          if not line.strip():
-            continue
-          try:
-            record = json.loads(line)
-          except json.JSONDecodeError as e:
-            raise ValueError(
-                f"{path}:{lineno}: not a JSON object ({e}); expected one "
-                "JSON object per line."
-            ) from e
-          if not isinstance(record, dict) or self.text_field not in record:
-            keys = sorted(record) if isinstance(record, dict) else type(record)
-            raise ValueError(
-                f"{path}:{lineno}: no field {self.text_field!r} (found keys "
-                f"{keys}). Set {TEXT_FIELD_FIELD} to the key holding the text."
-            )
-          text = record[self.text_field]
-          if not isinstance(text, str):
-            raise ValueError(
-                f"{path}:{lineno}: field {self.text_field!r} is "
-                f"{type(text).__name__}, expected a string."
-            )
-          if text:
-            yield Document(text)
+      try:
+        yield from self._file_documents(path)
+      except UnicodeDecodeError as e:
+        raise _not_utf8(path, e) from e
+
+  def _file_documents(self, path: str) -> Iterator[Document]:
+    with _open_text(path) as f:
+      for lineno, line in enumerate(f, 1):
+        if not line.strip():
+          continue
+        try:
+          record = json.loads(line)
+        except json.JSONDecodeError as e:
+          raise ValueError(
+              f"{path}:{lineno}: not a JSON object ({e}); expected one "
+              "JSON object per line."
+          ) from e
+        if not isinstance(record, dict) or self.text_field not in record:
+          keys = sorted(record) if isinstance(record, dict) else type(record)
+          raise ValueError(
+              f"{path}:{lineno}: no field {self.text_field!r} (found keys "
+              f"{keys}). Set `text_field` to the key holding the text."
+          )
+        text = record[self.text_field]
+        if not isinstance(text, str):
+          raise ValueError(
+              f"{path}:{lineno}: field {self.text_field!r} is "
+              f"{type(text).__name__}, expected a string."
+          )
+        if text:
+          yield Document(text)
 
   def describe(self) -> str:
     return f"JsonlSource({self.text_field}; {_stat_id(self.paths)})"
@@ -277,17 +321,15 @@ class ParquetSource(Source):
     path: file, directory (of .parquet files), glob, or a list of these.
     text_field: the column holding the text (default 'text').
     shard_seed: optional permutation seed for the file order.
-    field: config field holding `path`, for error messages.
     batch_rows: rows read per batch (bounds memory on big shards).
   """
 
   suffixes = (".parquet",)
 
   def __init__(self, path, *, text_field: str = "text",
-               shard_seed: int | None = None, field: str = PATH_FIELD,
-               batch_rows: int = 1024):
+               shard_seed: int | None = None, batch_rows: int = 1024):
     self.paths = resolve_paths(path, self.suffixes, kind="Parquet",
-                               field=field, shard_seed=shard_seed)
+                               shard_seed=shard_seed)
     self.text_field = text_field
     self.batch_rows = batch_rows
 
@@ -299,7 +341,7 @@ class ParquetSource(Source):
       if self.text_field not in names:
         raise ValueError(
             f"{path}: no column {self.text_field!r} (columns: {names}). Set "
-            f"{TEXT_FIELD_FIELD} to the column holding the text."
+            "`text_field` to the column holding the text."
         )
       for batch in pf.iter_batches(batch_size=self.batch_rows,
                                    columns=[self.text_field]):
@@ -326,7 +368,11 @@ def _example_text(record: bytes, text_field: str) -> str | None:
   if text_field not in feature:
     return None
   values = feature[text_field].bytes_list.value
-  return b"".join(values).decode("utf-8") if values else ""
+  # Not UTF-8: treated as not an Example of text; the caller's error says so.
+  try:
+    return b"".join(values).decode("utf-8") if values else ""
+  except UnicodeDecodeError:
+    return None
 
 
 class ArrayRecordSource(Source):
@@ -341,17 +387,15 @@ class ArrayRecordSource(Source):
     record_format: 'example', 'text', or 'auto' (decided from the first
       record of each file).
     shard_seed: optional permutation seed for the file order.
-    field: config field holding `path`, for error messages.
   """
 
   suffixes = (".array_record", ".arrayrecord")
 
   def __init__(self, path, *, text_field: str = "text",
-               record_format: str = "auto", shard_seed: int | None = None,
-               field: str = PATH_FIELD):
+               record_format: str = "auto", shard_seed: int | None = None):
     if record_format not in ("auto", "example", "text"):
       raise ValueError(
-          f"config.data.record_format={record_format!r}: expected 'auto', "
+          f"record_format={record_format!r}: expected 'auto', "
           "'example' or 'text'."
       )
     # TFDS names its shards 'name-split.array_record-00000-of-00008', so the
@@ -360,7 +404,7 @@ class ArrayRecordSource(Source):
         os.path.expanduser(os.fspath(path))):
       path = os.path.join(os.fspath(path), "**", "*.array_record*")
     self.paths = resolve_paths(path, self.suffixes, kind="ArrayRecord",
-                               field=field, shard_seed=shard_seed)
+                               shard_seed=shard_seed)
     self.text_field = text_field
     self.record_format = record_format
 
@@ -371,16 +415,17 @@ class ArrayRecordSource(Source):
         return text, "example"
       if fmt == "example":
         raise ValueError(
-            f"{path}: record is not a tf.train.Example with a bytes feature "
-            f"{self.text_field!r}. Set {TEXT_FIELD_FIELD} to the feature "
-            "holding the text, or config.data.record_format='text'."
+            f"{path}: record is not a tf.train.Example with a UTF-8 bytes "
+            f"feature {self.text_field!r}. Set `text_field` to the feature "
+            "holding the text, or `record_format`='text'."
         )
     try:
       return record.decode("utf-8"), "text"
     except UnicodeDecodeError as e:
       raise ValueError(
           f"{path}: record is neither a tf.train.Example with feature "
-          f"{self.text_field!r} nor UTF-8 text."
+          f"{self.text_field!r} nor UTF-8 text (set `text_field`, or "
+          "re-encode the text records as UTF-8)."
       ) from e
 
   def documents(self) -> Iterator[Document]:
@@ -413,6 +458,9 @@ class TfdsSource(Source):
   Nothing is ever downloaded (download=False): the dataset must already be
   prepared in ArrayRecord format under `data_dir`.
 
+  Errors name the arguments as `make_source` calls them (tfds_name,
+  tfds_split, tfds_data_dir).
+
   Args:
     name: TFDS name such as 'c4/en:3.0.1', or the path of a prepared dataset
       version directory (holding dataset_info.json).
@@ -426,9 +474,8 @@ class TfdsSource(Source):
                data_dir: str | None = None, text_field: str = "text"):
     if not name:
       raise ValueError(
-          f"{TFDS_NAME_FIELD} is empty: set it to a prepared TFDS dataset "
-          f"name such as 'c4/en:3.0.1' (with {TFDS_DIR_FIELD}), "
-          f"{_SYNTHETIC_HINT}."
+          "tfds_name is empty: set it to a prepared TFDS dataset name such "
+          f"as 'c4/en:3.0.1' (with `tfds_data_dir`), {_SYNTHETIC_HINT}."
       )
     self.name, self.split, self.text_field = name, split, text_field
     self.data_dir = os.path.expanduser(data_dir) if data_dir else None
@@ -436,15 +483,15 @@ class TfdsSource(Source):
 
   def _open(self):
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    where = (f"{TFDS_NAME_FIELD}={self.name!r}, split {self.split!r}, "
-             f"{TFDS_DIR_FIELD}={self.data_dir!r}")
-    hint = (f"Prepare the dataset in ArrayRecord format (tfds build "
-            f"--file_format=array_record) and point {TFDS_DIR_FIELD} at its "
-            f"data directory, or {TFDS_NAME_FIELD} at a prepared version "
+    hint = ("Prepare the dataset in ArrayRecord format (tfds build "
+            "--file_format=array_record) and point `tfds_data_dir` at its "
+            "data directory, or `tfds_name` at a prepared version "
             f"directory (nothing is downloaded), {_SYNTHETIC_HINT}.")
     if self.data_dir is not None and not os.path.isdir(self.data_dir):
       raise FileNotFoundError(
-          f"TFDS data directory not found: {where}. {hint}")
+          f"tfds_data_dir={self.data_dir!r}: TFDS data directory not found "
+          f"(dataset `tfds_name`={self.name!r}, split {self.split!r}). "
+          f"{hint}")
     try:
       if os.path.isdir(os.path.expanduser(self.name)):
         builder = tfds.builder_from_directory(os.path.expanduser(self.name))
@@ -455,9 +502,9 @@ class TfdsSource(Source):
             NotImplementedError, tfds.core.registered.DatasetNotFoundError
             ) as e:
       raise FileNotFoundError(
-          f"TFDS dataset not found or not readable: {where}: "
-          f"{type(e).__name__}: {_first_words(str(e))} "
-          f"{hint}"
+          f"tfds_name={self.name!r}: TFDS dataset not found or not readable "
+          f"(split {self.split!r}, `tfds_data_dir`={self.data_dir!r}): "
+          f"{type(e).__name__}: {_first_words(str(e))} {hint}"
       ) from e
 
   def documents(self) -> Iterator[Document]:
@@ -466,11 +513,17 @@ class TfdsSource(Source):
       if self.text_field not in record:
         raise ValueError(
             f"TFDS {self.name!r}: no feature {self.text_field!r} (features: "
-            f"{sorted(record)}). Set {TEXT_FIELD_FIELD}."
+            f"{sorted(record)}). Set `text_field`."
         )
       text = record[self.text_field]
       if isinstance(text, bytes):
-        text = text.decode("utf-8")
+        try:
+          text = text.decode("utf-8")
+        except UnicodeDecodeError as e:
+          raise ValueError(
+              f"TFDS {self.name!r}, split {self.split!r}, record {i}: "
+              f"feature {self.text_field!r} is not UTF-8 text ({e.reason})."
+          ) from e
       if text:
         yield Document(text)
 
@@ -600,7 +653,7 @@ class SyntheticSource(Source):
 
   Its text supports a SentencePiece BPE vocabulary of about 1000 pieces
   with 4 domains (800 with 3; 8000 with all 6, the dna strings merge
-  freely); a larger `config.data.vocab_size` fails with a clear error.
+  freely); a larger vocabulary fails with a clear error.
 
   Document i draws its domain uniformly and its sentences from
   np.random.default_rng([seed, i]), so any document can be regenerated
@@ -618,16 +671,16 @@ class SyntheticSource(Source):
                max_sentences: int = 32):
     if not 1 <= num_domains <= len(SYNTHETIC_DOMAINS):
       raise ValueError(
-          f"config.data.synthetic.num_domains={num_domains}: expected 1.."
+          f"num_domains={num_domains}: expected 1.."
           f"{len(SYNTHETIC_DOMAINS)} (domains: "
           f"{[d[0] for d in SYNTHETIC_DOMAINS]})."
       )
     if num_docs < 1:
       raise ValueError(
-          f"config.data.synthetic.num_docs={num_docs}: expected >= 1.")
+          f"num_docs={num_docs}: expected >= 1.")
     if not 1 <= min_sentences <= max_sentences:
       raise ValueError(
-          f"config.data.synthetic.min_sentences={min_sentences}, "
+          f"min_sentences={min_sentences}, "
           f"max_sentences={max_sentences}: expected 1 <= min <= max."
       )
     self.num_docs, self.num_domains, self.seed = num_docs, num_domains, seed
@@ -659,15 +712,14 @@ class SyntheticSource(Source):
 class FilesSource(Source):
   """Text, JSON-lines and Parquet files, each read by its extension.
 
-  The kind `config.data.source='files'`: a directory of mixed shards works,
-  and so does a single file of any of these kinds.
+  The kind 'files': a directory of mixed shards works, and so does a single
+  file of any of these kinds.
 
   Args:
     path: file, directory, glob, or a list of these.
     text_field: JSON key or Parquet column of the text (default 'text').
     doc_mode: documents of .txt files ('file', 'line' or 'paragraph').
     shard_seed: optional permutation seed for the file order.
-    field: config field holding `path`, for error messages.
   """
 
   readers = ((ParquetSource, ParquetSource.suffixes),
@@ -675,12 +727,11 @@ class FilesSource(Source):
              (TextSource, TextSource.suffixes))
 
   def __init__(self, path, *, text_field: str = "text",
-               doc_mode: str = "file", shard_seed: int | None = None,
-               field: str = PATH_FIELD):
+               doc_mode: str = "file", shard_seed: int | None = None):
     suffixes = tuple(s for _, group in self.readers for s in group)
     self.paths = resolve_paths(path, suffixes, kind="text/JSON-lines/Parquet",
-                               field=field, shard_seed=shard_seed)
-    self.text_field, self.doc_mode, self.field = text_field, doc_mode, field
+                               shard_seed=shard_seed)
+    self.text_field, self.doc_mode = text_field, doc_mode
     self._kinds = [self._reader(p, suffixes) for p in self.paths]
 
   def _reader(self, path: str, suffixes: Sequence[str]):
@@ -688,17 +739,17 @@ class FilesSource(Source):
       if path.endswith(group):
         return reader
     raise ValueError(
-        f"{self.field}: {path!r} has an unknown extension; expected one of "
-        f"{', '.join(suffixes)} (or set {SOURCE_FIELD}='array_record' for "
+        f"path: {path!r} has an unknown extension; expected one of "
+        f"{', '.join(suffixes)} (or set `kind`='array_record' for "
         "ArrayRecord files)."
     )
 
   def documents(self) -> Iterator[Document]:
     for path, reader in zip(self.paths, self._kinds):
       if reader is TextSource:
-        source = TextSource(path, doc_mode=self.doc_mode, field=self.field)
+        source = TextSource(path, doc_mode=self.doc_mode)
       else:
-        source = reader(path, text_field=self.text_field, field=self.field)
+        source = reader(path, text_field=self.text_field)
       yield from source.documents()
 
   def describe(self) -> str:
@@ -717,25 +768,26 @@ def make_source(kind: str, *, path=None, text_field: str = "text",
                 doc_mode: str = "file", record_format: str = "auto",
                 shard_seed: int | None = None, tfds_name: str = "",
                 tfds_split: str = "train", tfds_data_dir: str | None = None,
-                synthetic: dict | None = None,
-                field: str = PATH_FIELD) -> Source:
-  """Builds a source from the fields of `config.data`.
+                synthetic: dict | None = None) -> Source:
+  """Builds a source of one of SOURCE_KINDS.
 
   Args:
     kind: one of SOURCE_KINDS.
-    path: file / directory / glob (list allowed) for the file kinds
-      (`config.data.train_path`, or `config.data.eval_path` with
-      field=EVAL_PATH_FIELD for the validation source).
+    path: file / directory / glob (list allowed) for the file kinds.
     text_field: JSON key, Parquet column or Example feature of the text.
     doc_mode: documents of a text source: 'file', 'line' or 'paragraph'.
     record_format: ArrayRecord records: 'auto', 'example' or 'text'.
     shard_seed: optional file-order permutation seed.
     tfds_name, tfds_split, tfds_data_dir: the TFDS dataset.
     synthetic: kwargs of SyntheticSource (num_docs, num_domains, seed, ...).
-    field: the config field that holds `path`, for error messages.
 
   Returns:
     A Source.
+
+  Raises:
+    FileNotFoundError: a file kind without `path`, or `path` matches no file.
+    ValueError: an unknown kind or an invalid setting. Messages start with
+      the argument at fault ('kind=...', 'path=...').
   """
   if kind == "synthetic":
     return SyntheticSource(**(synthetic or {}))
@@ -745,24 +797,21 @@ def make_source(kind: str, *, path=None, text_field: str = "text",
   if kind in ("files", "text", "jsonl", "parquet", "array_record"):
     if path is None or path == "" or path == []:
       raise FileNotFoundError(
-          f"{SOURCE_FIELD}={kind!r} needs {field}: set it to a file, a "
-          f"directory or a glob pattern, {_SYNTHETIC_HINT}."
+          f"kind={kind!r} needs `path`: set it to a file, a directory or "
+          f"a glob pattern, {_SYNTHETIC_HINT}."
       )
   if kind == "files":
     return FilesSource(path, text_field=text_field, doc_mode=doc_mode,
-                       shard_seed=shard_seed, field=field)
+                       shard_seed=shard_seed)
   if kind == "text":
-    return TextSource(path, doc_mode=doc_mode, shard_seed=shard_seed,
-                      field=field)
+    return TextSource(path, doc_mode=doc_mode, shard_seed=shard_seed)
   if kind == "jsonl":
-    return JsonlSource(path, text_field=text_field, shard_seed=shard_seed,
-                       field=field)
+    return JsonlSource(path, text_field=text_field, shard_seed=shard_seed)
   if kind == "parquet":
-    return ParquetSource(path, text_field=text_field, shard_seed=shard_seed,
-                         field=field)
+    return ParquetSource(path, text_field=text_field, shard_seed=shard_seed)
   if kind == "array_record":
     return ArrayRecordSource(path, text_field=text_field,
                              record_format=record_format,
-                             shard_seed=shard_seed, field=field)
+                             shard_seed=shard_seed)
   raise ValueError(
-      f"{SOURCE_FIELD}={kind!r}: expected one of {SOURCE_KINDS}.")
+      f"kind={kind!r}: expected one of {SOURCE_KINDS}.")

@@ -1,14 +1,25 @@
-"""SentencePiece tokenizer: train a BPE model from a source, cache it, load it.
+"""SentencePiece tokenizer: load a model, or train a BPE one and cache it.
+
+Loading and training are two requests, two functions:
+
+  load_tokenizer(model_path)            an existing `.model` (any
+                                        SentencePiece model, e.g. unigram);
+                                        a missing file is an error, never a
+                                        reason to train one there
+  train_or_reuse_tokenizer(workdir, texts, vocab_size=...)
+                                        `<workdir>/tokenizer_bpe<V>.model`:
+                                        trained on first use, reused after
 
 LibMoE's LM stack (algorithms.md §6.3) trains a SentencePiece BPE model with
 an 8000-piece vocabulary and split_digits=True on the training text, with the
 literal text '<STORY_SEP>' after each document (plain text, no special
-token). `load_or_train_tokenizer` does the same on first use and reuses the
-cached `.model` file afterwards; an existing `.model` (any SentencePiece
-model, e.g. a unigram one) can also be loaded as is.
+token); `train_or_reuse_tokenizer` does the same.
 
 Ids: unk 0, bos 1, eos 2 (SentencePiece defaults); the pipeline adds neither
 bos nor eos, only the document separator text.
+
+Errors name the argument at fault ('model_path=...', 'vocab_size=...');
+moe_jax/data/from_config.py maps the names to config fields.
 """
 
 from __future__ import annotations
@@ -16,8 +27,10 @@ from __future__ import annotations
 import io
 import os
 import tempfile
+import time
 from typing import Iterable, Iterator, Sequence
 
+from absl import logging
 import numpy as np
 
 DOC_SEPARATOR = "<STORY_SEP>"
@@ -27,9 +40,6 @@ DEFAULT_MAX_TRAIN_CHARS = 100_000_000
 # SentencePiece skips "sentences" longer than max_sentence_length bytes, so
 # long lines are cut into pieces of at most this many characters.
 _MAX_PIECE_CHARS = 4096
-# Config fields named in error messages (moe_jax/config_lib.py).
-PATH_FIELD = "config.data.tokenizer"
-VOCAB_FIELD = "config.data.vocab_size"
 
 
 class SentencePieceTokenizer:
@@ -37,18 +47,27 @@ class SentencePieceTokenizer:
 
   Args:
     model_path: path of a `.model` file.
+
+  Raises:
+    FileNotFoundError: no file at `model_path`.
+    ValueError: the file is not a SentencePiece model.
   """
 
   def __init__(self, model_path: str | os.PathLike):
     import sentencepiece as spm  # pylint: disable=g-import-not-at-top
-    self.path = os.fspath(model_path)
+    self.path = os.path.expanduser(os.fspath(model_path))
     if not os.path.isfile(self.path):
       raise FileNotFoundError(
-          f"{PATH_FIELD}={self.path!r}: no SentencePiece model file there. "
-          f"Point {PATH_FIELD} at an existing .model, or leave it empty to "
-          "train one into the workdir."
+          f"model_path={self.path!r}: no SentencePiece model file there "
+          f"(looked for {os.path.abspath(self.path)!r}). Point `model_path` "
+          "at an existing .model file."
       )
-    self._sp = spm.SentencePieceProcessor(model_file=self.path)
+    try:
+      self._sp = spm.SentencePieceProcessor(model_file=self.path)
+    except RuntimeError as e:
+      raise ValueError(
+          f"model_path={self.path!r}: not a SentencePiece model file ({e})."
+      ) from e
 
   @property
   def vocab_size(self) -> int:
@@ -147,13 +166,16 @@ def train_sentencepiece(
   """
   import sentencepiece as spm  # pylint: disable=g-import-not-at-top
   model_path = os.fspath(model_path)
+  logging.info("training a SentencePiece %s tokenizer (vocab %d) on %s -> %s",
+               model_type, vocab_size, _describe(texts), model_path)
+  start = time.perf_counter()
   sentences = list(training_sentences(texts, max_chars=max_chars,
                                       separator=separator))
   if not sentences:
     raise ValueError(
-        "Cannot train the SentencePiece model: the training source yielded "
-        f"no text. Check config.data.train_path, or set {PATH_FIELD} to an "
-        "existing .model."
+        "texts: no training text (the source yielded no non-empty line), "
+        "so no SentencePiece model can be trained. Give a source with text, "
+        "or load an existing .model instead."
     )
   buf = io.BytesIO()
   try:
@@ -172,17 +194,34 @@ def train_sentencepiece(
     )
   except RuntimeError as e:
     raise ValueError(
-        f"SentencePiece training failed with {VOCAB_FIELD}={vocab_size} "
-        f"on {len(sentences)} lines of text: {e}. A small corpus supports "
-        f"only a small vocabulary: lower {VOCAB_FIELD}."
+        f"vocab_size={vocab_size}: SentencePiece training failed on "
+        f"{len(sentences)} lines of text: {e}. A small corpus supports only "
+        "a small vocabulary: lower `vocab_size`."
     ) from e
   directory = os.path.dirname(os.path.abspath(model_path))
   os.makedirs(directory, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=directory, suffix=".model.tmp")
-  with os.fdopen(fd, "wb") as f:
-    f.write(buf.getvalue())
-  os.replace(tmp, model_path)
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(buf.getvalue())
+    os.replace(tmp, model_path)
+  except BaseException:
+    # No half-written temporary file left next to the models.
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+  logging.info("trained the SentencePiece tokenizer %s in %.1f s (%d lines, "
+               "%d characters of text)", model_path,
+               time.perf_counter() - start, len(sentences),
+               sum(len(x) for x in sentences))
   return model_path
+
+
+def _describe(texts: Iterable[str], limit: int = 120) -> str:
+  """A short description of the training text for the log."""
+  describe = getattr(texts, "describe", None)
+  text = describe() if describe else f"{type(texts).__name__} of texts"
+  return text if len(text) <= limit else text[:limit] + "...)"
 
 
 def default_model_path(workdir: str | os.PathLike, vocab_size: int,
@@ -192,52 +231,60 @@ def default_model_path(workdir: str | os.PathLike, vocab_size: int,
                       f"tokenizer_{model_type}{vocab_size}.model")
 
 
-def load_or_train_tokenizer(
-    *,
-    model_path: str | os.PathLike | None = None,
-    workdir: str | os.PathLike | None = None,
-    texts: Iterable[str] | None = None,
-    vocab_size: int = DEFAULT_VOCAB_SIZE,
-    **train_kwargs,
-) -> SentencePieceTokenizer:
-  """Loads a cached / given `.model`, or trains one and caches it.
-
-  Order: `model_path` if the file exists; else the workdir cache
-  `<workdir>/tokenizer_bpe<vocab>.model` if it exists; else train on
-  `texts` and write to `model_path` (or the workdir cache path).
+def load_tokenizer(model_path: str | os.PathLike) -> SentencePieceTokenizer:
+  """Loads an existing `.model` file; never trains one.
 
   Args:
-    model_path: an existing `.model` to load, or where to write a new one.
-    workdir: where to cache the trained model when `model_path` is not set.
-    texts: training documents (e.g. the training Source); read only when a
+    model_path: the `.model` file ('~' is expanded).
+
+  Returns:
+    The tokenizer, with the model's own vocabulary size.
+
+  Raises:
+    FileNotFoundError: no file at `model_path` (a typo'd path must not
+      silently train a new tokenizer and write it there).
+    ValueError: the file is not a SentencePiece model.
+  """
+  tokenizer = SentencePieceTokenizer(model_path)
+  logging.info("loaded tokenizer %s (vocab %d)", tokenizer.path,
+               tokenizer.vocab_size)
+  return tokenizer
+
+
+def train_or_reuse_tokenizer(
+    workdir: str | os.PathLike,
+    texts: Iterable[str],
+    *,
+    vocab_size: int = DEFAULT_VOCAB_SIZE,
+    model_type: str = "bpe",
+    **train_kwargs,
+) -> SentencePieceTokenizer:
+  """The workdir's own tokenizer: trained on first use, reused afterwards.
+
+  The model lives at `default_model_path(workdir, vocab_size, model_type)`,
+  `<workdir>/tokenizer_bpe<vocab>.model`; a resumed run finds it there and
+  trains nothing. The file appears atomically (`train_sentencepiece`), so
+  an existing one is complete.
+
+  Args:
+    workdir: the run's directory.
+    texts: training documents (e.g. the training Source); read only when the
       model must be trained.
-    vocab_size: vocabulary of a newly trained model (an existing model keeps
-      its own size; read `.vocab_size`).
-    **train_kwargs: forwarded to `train_sentencepiece`.
+    vocab_size: vocabulary of the model (LibMoE: 8000).
+    model_type: 'bpe' (LibMoE) or 'unigram'.
+    **train_kwargs: forwarded to `train_sentencepiece` (split_digits,
+      separator, max_chars, ...).
 
   Returns:
     The loaded tokenizer.
 
   Raises:
-    ValueError: no model exists and there is nowhere to write one, or no
-      training text.
+    ValueError: no training text, or a vocabulary the text cannot support.
   """
-  if model_path:
-    path = os.path.expanduser(os.fspath(model_path))
-  elif workdir:
-    path = default_model_path(workdir, vocab_size,
-                              train_kwargs.get("model_type", "bpe"))
+  path = default_model_path(workdir, vocab_size, model_type)
+  if os.path.isfile(path):
+    logging.info("reusing the workdir's tokenizer %s", path)
   else:
-    raise ValueError(
-        f"No tokenizer: set {PATH_FIELD} to a .model file (existing, or where "
-        "to write a trained one), or give a workdir to cache one in."
-    )
-  if not os.path.isfile(path):
-    if texts is None:
-      raise FileNotFoundError(
-          f"{PATH_FIELD}={path!r} does not exist and no training text was "
-          f"given. Point {PATH_FIELD} at an existing .model, or train one "
-          "from the training source."
-      )
-    train_sentencepiece(texts, path, vocab_size=vocab_size, **train_kwargs)
-  return SentencePieceTokenizer(path)
+    train_sentencepiece(texts, path, vocab_size=vocab_size,
+                        model_type=model_type, **train_kwargs)
+  return load_tokenizer(path)

@@ -25,6 +25,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from moe_jax.moe import activations
 from moe_jax.moe import dispatch
 
 Array = jax.Array
@@ -127,8 +128,7 @@ def gmm_blocked(x: Array, w: Array, group_sizes: Array, *, block_rows: int,
 # ------------------------------------------------ expert FFN of one step ---
 
 def _act_fn(activation):
-  from moe_jax.moe import experts   # late import: experts imports this module
-  return lambda h: experts.apply_activation(h, activation)
+  return lambda h: activations.apply_activation(h, activation)
 
 
 def _ffn_block(params, xb, e, activation):

@@ -1,16 +1,9 @@
 """Grouped expert FFNs over dispatched rows, with interchangeable backends.
 
 An expert is a 2-layer MLP: y = act(x W_in [+ b_in]) W_out [+ b_out], with
-act one of 'relu' (LibMoE LM, bias-free), 'gelu' (erf), 'gelu_tanh' (SigLIP,
-Phi MLPs), or 'swiglu' (Llama: silu(x W_gate) * (x W_up), W_in = [W_gate | W_up]).
-Experts know nothing about routing: they see rows sorted by expert and the
-group sizes. The grouped matmul is chosen by one string:
-  'loop'       reference: every expert over all rows, masked (O(E) work).
-  'ragged_dot' jax.lax.ragged_dot.
-  'blocked'    block-sparse while-loop grouped matmul (blocked_gmm.py); the
-               layer runs its fused gather + FFN + combine, the fast XLA path
-               on CPU.
-  'pallas'     the Pallas kernel (kernels_pallas), when installed.
+act one of activations.ACTIVATIONS. Experts know nothing about routing: they
+see rows sorted by expert and the group sizes, and run the grouped matmul of
+a backend (backends.py: loop | ragged_dot | blocked | pallas).
 
 Dimension legend: R rows, D model width, F expert hidden width, E experts,
 C capacity.
@@ -18,109 +11,15 @@ C capacity.
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-from typing import Callable
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moe_jax.moe import blocked_gmm
 from moe_jax.moe import dispatch as dispatch_lib
+from moe_jax.moe.activations import apply_activation
+from moe_jax.moe.backends import Backend
 
 Array = jax.Array
-
-ACTIVATIONS = ('relu', 'gelu', 'gelu_tanh', 'swiglu')
-
-
-@dataclasses.dataclass(frozen=True)
-class Backend:
-  """A grouped matmul gmm(x [R, D], w [E, D, F], group_sizes [E]) -> [R, F].
-
-  row_alignment: dispatch pads every group to a multiple of this.
-  row_multiple: R must also be a multiple of row_alignment * row_multiple.
-  """
-
-  gmm: Callable[[Array, Array, Array], Array]
-  row_alignment: int = 1
-  row_multiple: int = 1
-  # Optional dispatch + FFN + combine in one op:
-  # moe_ffn(params, x [T, D], weight [T, K], token_of_row, slot_of_row,
-  #         row_of_slot, group_sizes, activation=...) -> y [T, D].
-  moe_ffn: Callable[..., Array] | None = None
-
-
-def gmm_loop(x: Array, w: Array, group_sizes: Array) -> Array:
-  """Reference grouped matmul: each expert over every row, masked to its group."""
-  ends = jnp.cumsum(group_sizes)
-  starts = ends - group_sizes
-  row = jnp.arange(x.shape[0])
-  out = jnp.zeros((x.shape[0], w.shape[-1]), jnp.float32)
-  for e in range(w.shape[0]):
-    in_group = (row >= starts[e]) & (row < ends[e])
-    y = jnp.einsum('rd,df->rf', x, w[e], preferred_element_type=jnp.float32)
-    out = out + jnp.where(in_group[:, None], y, 0.0)
-  return out.astype(x.dtype)
-
-
-def gmm_ragged_dot(x: Array, w: Array, group_sizes: Array) -> Array:
-  return jax.lax.ragged_dot(x, w, group_sizes,
-                            preferred_element_type=jnp.float32).astype(x.dtype)
-
-
-# Block size and blocks per iteration of the blocked backend, tuned on the
-# 154M layer shape on 2 CPU cores (python -m moe_jax.bench.layer --sweep).
-BLOCK_ROWS = 128
-BLOCKS_PER_STEP = 2
-
-BACKENDS: dict[str, Backend] = {
-    'loop': Backend(gmm_loop),
-    'ragged_dot': Backend(gmm_ragged_dot),
-    'blocked': Backend(
-        functools.partial(blocked_gmm.gmm_blocked, block_rows=BLOCK_ROWS,
-                          blocks_per_step=BLOCKS_PER_STEP),
-        row_alignment=BLOCK_ROWS, row_multiple=BLOCKS_PER_STEP,
-        moe_ffn=functools.partial(
-            blocked_gmm.moe_ffn_blocked, block_rows=BLOCK_ROWS,
-            blocks_per_step=BLOCKS_PER_STEP)),
-}
-
-
-def register_backend(name: str, backend: Backend) -> None:
-  """Adds a grouped-matmul backend (the Pallas kernel registers itself here)."""
-  BACKENDS[name] = backend
-
-
-def get_backend(name: str) -> Backend:
-  if name == 'pallas' and name not in BACKENDS:
-    try:
-      import kernels_pallas.backend  # noqa: F401  (registers 'pallas')
-    except ImportError as e:
-      raise ValueError(f"backend: 'pallas' is not available ({e})") from e
-  if name not in BACKENDS:
-    raise ValueError(f'backend: expected one of {sorted(BACKENDS)}, got {name!r}')
-  return BACKENDS[name]
-
-
-def check_activation(activation: str) -> None:
-  if activation not in ACTIVATIONS:
-    raise ValueError(
-        f'activation: expected one of {ACTIVATIONS}, got {activation!r}')
-
-
-def apply_activation(h: Array, activation: str) -> Array:
-  """[..., F] (or [..., 2F] for swiglu) -> [..., F]."""
-  if activation == 'relu':
-    return jax.nn.relu(h)
-  if activation == 'gelu':
-    return jax.nn.gelu(h, approximate=False)
-  if activation == 'gelu_tanh':
-    return jax.nn.gelu(h, approximate=True)
-  if activation == 'swiglu':
-    gate, up = jnp.split(h, 2, axis=-1)
-    return jax.nn.silu(gate) * up
-  raise ValueError(f'activation: expected one of {ACTIVATIONS}, got {activation!r}')
 
 
 def expert_of_row(group_sizes: Array, num_rows: int) -> Array:

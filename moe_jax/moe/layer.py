@@ -22,12 +22,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from moe_jax.moe import activations
+from moe_jax.moe import backends
 from moe_jax.moe import dispatch as dispatch_lib
 from moe_jax.moe import expert_parallel
 from moe_jax.moe import experts as experts_lib
 from moe_jax.moe import losses as losses_lib
 from moe_jax.moe import metrics as metrics_lib
 from moe_jax.moe import router as router_lib
+from moe_jax.validation import require
 
 SHARED_MIXES = ('add', 'half')
 
@@ -106,36 +109,34 @@ class MoEBlock(nn.Module):
         d_model=self.d_model, **dict(self.router_options or {}))
 
   def _validate(self):
-    def need(ok, field, expected, got):
-      if not ok:
-        raise ValueError(f'{field}: expected {expected}, got {got!r}')
-    need(self.expert_width >= 1, 'expert_width', 'an integer >= 1',
-         self.expert_width)
-    need(self.shared_experts >= 0, 'shared_experts', 'an integer >= 0',
-         self.shared_experts)
-    need(self.shared_mix in SHARED_MIXES, 'shared_mix', f'one of {SHARED_MIXES}',
-         self.shared_mix)
-    need(self.capacity_factor is None or self.capacity_factor > 0,
-         'capacity_factor', 'None (dropless) or a value > 0',
-         self.capacity_factor)
-    need(self.balance_count_mode in losses_lib.COUNT_MODES,
-         'balance_count_mode', f'one of {losses_lib.COUNT_MODES}',
-         self.balance_count_mode)
-    need(self.balance_group in losses_lib.GROUPS, 'balance_group',
-         f'one of {losses_lib.GROUPS}', self.balance_group)
+    require(self.expert_width >= 1, 'expert_width', 'an integer >= 1',
+            self.expert_width)
+    require(self.shared_experts >= 0, 'shared_experts', 'an integer >= 0',
+            self.shared_experts)
+    require(self.shared_mix in SHARED_MIXES, 'shared_mix',
+            f'one of {SHARED_MIXES}', self.shared_mix)
+    require(self.capacity_factor is None or self.capacity_factor > 0,
+            'capacity_factor', 'None (dropless) or a value > 0',
+            self.capacity_factor)
+    require(self.balance_count_mode in losses_lib.COUNT_MODES,
+            'balance_count_mode', f'one of {losses_lib.COUNT_MODES}',
+            self.balance_count_mode)
+    require(self.balance_group in losses_lib.GROUPS, 'balance_group',
+            f'one of {losses_lib.GROUPS}', self.balance_group)
     for name in ('w_in_std', 'w_out_std', 'shared_w_in_std',
                  'shared_w_out_std'):
-      need(getattr(self, name) >= 0, name, 'a value >= 0', getattr(self, name))
-    experts_lib.check_activation(self.activation)
+      require(getattr(self, name) >= 0, name, 'a value >= 0',
+              getattr(self, name))
+    activations.check_activation(self.activation)
     bad = [n for n in (self.losses or ()) if n not in losses_lib.LOSSES]
-    need(not bad, 'losses', f'names among {losses_lib.LOSSES}', bad)
+    require(not bad, 'losses', f'names among {losses_lib.LOSSES}', bad)
 
   @nn.compact
   def __call__(self, x, *, train: bool = False, step=0, prev_logits=None):
     """x [B, S, D] -> (y [B, S, D], aux)."""
     self._validate()
     cfg = self.router_config()
-    backend = experts_lib.get_backend(self.backend)
+    backend = backends.get_backend(self.backend)
     b, s, d = x.shape
     xt = x.reshape(b * s, d)                                   # [T, D]
     rng = self.make_rng('router') if train and (
@@ -150,39 +151,11 @@ class MoEBlock(nn.Module):
         self.num_experts, d, self.expert_width, self.activation,
         self.expert_bias, self.w_in_std, self.w_out_std, name='experts')()
     metrics = metrics_lib.routing_stats(out, b)
-    ep_shards = expert_parallel.active_expert_shards(self.expert_axis)
-    if self.capacity_factor is None and ep_shards > 1:
-      with jax.named_scope('expert_parallel'):
-        y = expert_parallel.ep_routed_ffn(
-            params, expert_in, out.weight, out.expert_index,
-            num_experts=self.num_experts, expert_axis=self.expert_axis,
-            activation=self.activation, backend=backend)     # [T, D]
-      metrics['dropped_slots'] = jnp.zeros((), jnp.float32)
-    elif self.capacity_factor is None:
-      with jax.named_scope('dispatch'):
-        plan = dispatch_lib.plan(out.expert_index, self.num_experts,
-                                 backend.row_alignment, backend.row_multiple)
-      with jax.named_scope('experts'):
-        y = experts_lib.routed_ffn(params, expert_in, out.weight, plan,
-                                   activation=self.activation,
-                                   backend=backend)            # [T, D]
-      metrics['dropped_slots'] = jnp.zeros((), jnp.float32)
-    else:
-      cap = dispatch_lib.plan_capacity(out.expert_index, out.weight,
-                                       self.num_experts, self.capacity_factor)
-      buffers = dispatch_lib.dispatch_capacity(expert_in, cap)  # [E, C, D]
-      buffers = experts_lib.batched_ffn(params, buffers,
-                                        activation=self.activation)
-      y = dispatch_lib.combine_capacity(buffers, cap)
-      metrics['dropped_slots'] = cap.dropped.astype(jnp.float32)
+    y, metrics['dropped_slots'] = self._routed_experts(
+        params, expert_in, out, backend)                        # [T, D]
     y = y + self._special_experts(out, expert_in, cfg)
     if self.shared_experts:
-      width = self.shared_experts * (self.shared_width or self.expert_width)
-      shared = experts_lib.FFNParams(
-          None, d, width, self.activation, self.expert_bias,
-          self.shared_w_in_std, self.shared_w_out_std, name='shared')()
-      y_shared = experts_lib.dense_ffn(shared, xt.astype(self.dtype),
-                                       activation=self.activation)
+      y_shared = self._shared_expert(xt)                        # [T, D]
       y = y + y_shared if self.shared_mix == 'add' else 0.5 * (y + y_shared)
     names = self.losses if self.losses is not None else (
         router_lib.ROUTERS[self.router].default_losses)
@@ -198,6 +171,46 @@ class MoEBlock(nn.Module):
                     'probs': out.analysis_probs},
     }
     return y.reshape(b, s, d).astype(x.dtype), aux
+
+  def _routed_experts(self, params, expert_in, out, backend):
+    """Σ_k weight · FFN_expert(x) over the routed slots: ([T, D], dropped).
+
+    Three ways, one result when nothing drops: expert-parallel all-to-all
+    when the context mesh splits the experts (dropless), sort-based dropless
+    dispatch on one device, or GShard capacity buffers when a capacity factor
+    is set (the only path that can drop; `dropped` counts the slots).
+    """
+    no_drops = jnp.zeros((), jnp.float32)
+    if self.capacity_factor is not None:
+      cap = dispatch_lib.plan_capacity(out.expert_index, out.weight,
+                                       self.num_experts, self.capacity_factor)
+      buffers = dispatch_lib.dispatch_capacity(expert_in, cap)  # [E, C, D]
+      buffers = experts_lib.batched_ffn(params, buffers,
+                                        activation=self.activation)
+      return (dispatch_lib.combine_capacity(buffers, cap),
+              cap.dropped.astype(jnp.float32))
+    if expert_parallel.active_expert_shards(self.expert_axis) > 1:
+      with jax.named_scope('expert_parallel'):
+        return expert_parallel.ep_routed_ffn(
+            params, expert_in, out.weight, out.expert_index,
+            num_experts=self.num_experts, expert_axis=self.expert_axis,
+            activation=self.activation, backend=backend), no_drops
+    with jax.named_scope('dispatch'):
+      plan = dispatch_lib.plan(out.expert_index, self.num_experts,
+                               backend.row_alignment, backend.row_multiple)
+    with jax.named_scope('experts'):
+      return experts_lib.routed_ffn(params, expert_in, out.weight, plan,
+                                    activation=self.activation,
+                                    backend=backend), no_drops
+
+  def _shared_expert(self, xt):
+    """The always-on shared MLP (all shared experts merged): [T, D]."""
+    width = self.shared_experts * (self.shared_width or self.expert_width)
+    shared = experts_lib.FFNParams(
+        None, self.d_model, width, self.activation, self.expert_bias,
+        self.shared_w_in_std, self.shared_w_out_std, name='shared')()
+    return experts_lib.dense_ffn(shared, xt.astype(self.dtype),
+                                 activation=self.activation)
 
   def _special_experts(self, out, expert_in, cfg):
     """Copy and constant experts of MoE++ (zero otherwise): [T, D]."""
@@ -223,7 +236,7 @@ class DenseFFNBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, **unused):
-    experts_lib.check_activation(self.activation)
+    activations.check_activation(self.activation)
     params = experts_lib.FFNParams(None, self.d_model, self.width,
                                    self.activation, self.use_bias,
                                    self.w_in_std, self.w_out_std, name='ffn')()

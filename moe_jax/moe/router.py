@@ -25,37 +25,61 @@ from moe_jax.moe.routers import moe_plus_plus
 from moe_jax.moe.routers import remoe
 from moe_jax.moe.routers import softmax
 from moe_jax.moe.routers import tc_moe
-from moe_jax.moe.routers.base import PARITY_FLAGS, RouterConfig, RouterOutput, RouterSpec
+from moe_jax.moe.routers.base import RouterConfig, RouterOutput, RouterSpec, StepHook
+from moe_jax.validation import require
 
 __all__ = ['ROUTERS', 'Router', 'RouterConfig', 'RouterOutput', 'RouterSpec',
-           'make_config', 'num_slots', 'output_width']
+           'StepHook', 'make_config', 'num_slots', 'output_width']
 
 _STANDARD = ('balance',)
+
+# LibMoE parity flags (algorithms.md §4-5) and the defect each reproduces.
+_BIAS_ON_PROBS = {'bias_on_probs': 'D10: bias added to softmax probs; softmax '
+                                   'over selected probs'}
 
 ROUTERS: dict[str, RouterSpec] = {
     'smoe': RouterSpec(softmax.init, softmax.route_smoe, softmax.width,
                        _STANDARD),
-    'sigmoid': RouterSpec(softmax.init, softmax.route_sigmoid, softmax.width,
-                          _STANDARD),
-    'xmoe': RouterSpec(cosine.init_xmoe, cosine.route_xmoe, cosine.width,
-                       _STANDARD, cosine.post_update_xmoe),
+    'sigmoid': RouterSpec(
+        softmax.init, softmax.route_sigmoid, softmax.width, _STANDARD,
+        parity_flags={'vlm_loss_on_softmax': 'D9: balance loss on '
+                      'softmax(z), as the LibMoE VLM σ-MoE'}),
+    'xmoe': RouterSpec(
+        cosine.init_xmoe, cosine.route_xmoe, cosine.width, _STANDARD,
+        cosine.post_update_xmoe,
+        parity_flags={'xmoe_double_softmax': 'D2: second softmax over the '
+                      'τ-softmax (flattened weights)'}),
     'cosine': RouterSpec(cosine.init_cosine, cosine.route_cosine, cosine.width,
-                         _STANDARD),
+                         _STANDARD, parity_flags=_BIAS_ON_PROBS),
     'perturbed_cosine': RouterSpec(cosine.init_cosine,
                                    cosine.route_perturbed_cosine, cosine.width,
-                                   _STANDARD),
-    'hyper': RouterSpec(hyper.init, hyper.route, hyper.width, ()),
+                                   _STANDARD, parity_flags=_BIAS_ON_PROBS),
+    'hyper': RouterSpec(hyper.init, hyper.route, hyper.width, (),
+                        check=hyper.check),
     # DeepSeek-V2 routes as SMoE; its shared expert is a layer option.
     'deepseek_v2': RouterSpec(softmax.init, softmax.route_smoe, softmax.width,
                               _STANDARD),
-    'deepseek_v3': RouterSpec(deepseek.init, deepseek.route, deepseek.width,
-                              _STANDARD, deepseek.post_update),
-    'moe_plus_plus': RouterSpec(moe_plus_plus.init, moe_plus_plus.route,
-                                moe_plus_plus.width, _STANDARD,
-                                route_applies_drop_top=True),
-    'tc_moe': RouterSpec(tc_moe.init, tc_moe.route, tc_moe.width,
-                         ('tc_balance', 'tc_reward')),
-    'remoe': RouterSpec(remoe.init, remoe.route, remoe.width, ('remoe_l1',)),
+    'deepseek_v3': RouterSpec(
+        deepseek.init, deepseek.route, deepseek.width, _STANDARD,
+        deepseek.post_update, check=deepseek.check,
+        parity_flags={'group_mask_zero': 'D6b: mask dropped groups with 0, '
+                      'not -inf (HF export)'}),
+    'moe_plus_plus': RouterSpec(
+        moe_plus_plus.init, moe_plus_plus.route, moe_plus_plus.width,
+        _STANDARD, route_applies_drop_top=True, check=moe_plus_plus.check,
+        parity_flags={'moepp_mul_topk': '§5: the reference feeds k x to '
+                      'FFN/copy/const experts'}),
+    'tc_moe': RouterSpec(
+        tc_moe.init, tc_moe.route, tc_moe.width, ('tc_balance', 'tc_reward'),
+        check=tc_moe.check,
+        parity_flags={'tc_global_counts': 'D7: global batch counts, no '
+                      'factor E, in the balance loss'}),
+    'remoe': RouterSpec(
+        remoe.init, remoe.route, remoe.width, ('remoe_l1',),
+        check=remoe.check, slots=remoe.num_slots,
+        step_hook=remoe.LAMBDA_HOOK,
+        parity_flags={'remoe_libmoe': 'D8: fixed-k top-k on ReLU values, '
+                      'scalar E^2 L1 loss'}),
 }
 
 _CHOICES = {
@@ -66,65 +90,44 @@ _CHOICES = {
 }
 
 
-def _check(ok: bool, field: str, expected: str, got: Any) -> None:
-  if not ok:
-    raise ValueError(f'{field}: expected {expected}, got {got!r}')
-
-
 def make_config(router: str, **options: Any) -> RouterConfig:
-  """A validated RouterConfig; errors name the offending field."""
-  _check(router in ROUTERS, 'router', f'one of {sorted(ROUTERS)}', router)
+  """A validated RouterConfig; errors name the offending field.
+
+  The checks every router shares are here; each router's own live in its
+  family module (`RouterSpec.check`).
+  """
+  require(router in ROUTERS, 'router', f'one of {sorted(ROUTERS)}', router)
+  spec = ROUTERS[router]
   fields = {f.name for f in dataclasses.fields(RouterConfig)}
   unknown = sorted(set(options) - fields)
-  _check(not unknown, 'router options', 'fields of RouterConfig', unknown)
+  require(not unknown, 'router options', 'fields of RouterConfig', unknown)
   cfg = RouterConfig(**options)
   e, k = cfg.num_experts, cfg.top_k
-  _check(e >= 1, 'num_experts', 'an integer >= 1', e)
-  _check(k >= 1, 'top_k', 'an integer >= 1', k)
+  require(e >= 1, 'num_experts', 'an integer >= 1', e)
+  require(k >= 1, 'top_k', 'an integer >= 1', k)
   for name, allowed in _CHOICES.items():
-    _check(getattr(cfg, name) in allowed, name, f'one of {allowed}',
-           getattr(cfg, name))
-  bad_flags = sorted(set(cfg.parity) - PARITY_FLAGS)
-  _check(not bad_flags, 'parity', f'flags among {sorted(PARITY_FLAGS)}',
-         bad_flags)
+    require(getattr(cfg, name) in allowed, name, f'one of {allowed}',
+            getattr(cfg, name))
+  bad_flags = sorted(set(cfg.parity) - set(spec.parity_flags))
+  require(not bad_flags, 'parity',
+          f'flags of router {router!r} among {sorted(spec.parity_flags)}',
+          bad_flags)
   for name in ('init_std', 'expert_dropout', 'bias_update_rate', 'hetero_tau',
                'cosine_theta', 'n_zero', 'n_copy', 'n_const'):
-    _check(getattr(cfg, name) >= 0, name, 'a value >= 0', getattr(cfg, name))
-  _check(cfg.expert_dropout < 1, 'expert_dropout', 'a value in [0, 1)',
-         cfg.expert_dropout)
-  _check(cfg.temperature is None or cfg.temperature > 0, 'temperature',
-         'None (the router default) or a value > 0', cfg.temperature)
-  width = ROUTERS[router].output_width(cfg)
-  if router == 'remoe':
-    _check(num_slots(router, cfg) <= e, 'remoe_max_active',
-           f'at most num_experts={e}', num_slots(router, cfg))
-    _check(k <= e, 'top_k', f'at most num_experts={e}', k)
-  else:
-    # Top-k picks from the router's output space (E' includes special slots).
-    _check(k <= width, 'top_k', f'at most the router width {width}', k)
+    require(getattr(cfg, name) >= 0, name, 'a value >= 0', getattr(cfg, name))
+  require(cfg.expert_dropout < 1, 'expert_dropout', 'a value in [0, 1)',
+          cfg.expert_dropout)
+  require(cfg.temperature is None or cfg.temperature > 0, 'temperature',
+          'None (the router default) or a value > 0', cfg.temperature)
+  if spec.check is not None:
+    spec.check(cfg)
+  # Top-k picks from the router's output space (E' includes special slots).
+  width = spec.output_width(cfg)
+  require(k <= width, 'top_k', f'at most the router width {width}', k)
   slots = num_slots(router, cfg)
-  _check(0 <= cfg.drop_top < slots, 'drop_top',
-         f'in [0, {slots}) (removing all {slots} slots leaves no expert)',
-         cfg.drop_top)
-  if router == 'hyper':
-    _check(1 <= cfg.hyper_k_min <= k, 'hyper_k_min', f'in [1, top_k={k}]',
-           cfg.hyper_k_min)
-    _check(cfg.total_steps >= 1, 'total_steps', 'an integer >= 1',
-           cfg.total_steps)
-  if router == 'deepseek_v3' and cfg.n_group > 1:
-    _check(e % cfg.n_group == 0 and e // cfg.n_group >= 2, 'n_group',
-           f'a divisor of num_experts={e} leaving >= 2 experts per group',
-           cfg.n_group)
-    _check(1 <= cfg.topk_group <= cfg.n_group, 'topk_group',
-           f'in [1, n_group={cfg.n_group}]', cfg.topk_group)
-    _check(cfg.topk_group * (e // cfg.n_group) >= k, 'topk_group',
-           f'enough kept groups to hold top_k={k} experts', cfg.topk_group)
-  if router == 'moe_plus_plus':
-    _check(cfg.router_depth in (1, 2), 'router_depth', '1 or 2',
-           cfg.router_depth)
-  if router == 'tc_moe':
-    _check(tc_moe.num_null(cfg) >= 0, 'num_null', 'an integer >= 0',
-           cfg.num_null)
+  require(0 <= cfg.drop_top < slots, 'drop_top',
+          f'in [0, {slots}) (removing all {slots} slots leaves no expert)',
+          cfg.drop_top)
   return cfg
 
 
@@ -135,7 +138,8 @@ def output_width(router: str, cfg: RouterConfig) -> int:
 
 def num_slots(router: str, cfg: RouterConfig) -> int:
   """K, the slots per token of the router's output (ReMoE: its slot budget)."""
-  return remoe.num_slots(cfg) if router == 'remoe' else cfg.top_k
+  slots = ROUTERS[router].slots
+  return cfg.top_k if slots is None else slots(cfg)
 
 
 class Router(nn.Module):

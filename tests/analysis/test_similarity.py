@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from moe_jax import config_lib
+from moe_jax import models
 from moe_jax.analysis import similarity
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -69,7 +70,7 @@ def test_output_cka_of_identical_and_different_experts():
 
 def test_moe_layer_inputs_are_the_pre_norm_outputs():
   config = config_lib.load_config(f'{REPO}/configs/smoe_154m.py:tiny')
-  model = config_lib.build_model(config)
+  model = models.build(config)
   tokens = jnp.arange(16, dtype=jnp.int32).reshape(2, 8)
   variables = nn.unbox(jax.jit(lambda k: model.init(k, tokens))(
       jax.random.key(0)))

@@ -1,6 +1,8 @@
 """Packing, shuffling, per-process slicing and exact resume of the pipeline."""
 
 import json
+import logging
+import re
 
 import numpy as np
 import pytest
@@ -113,6 +115,77 @@ def test_token_cache_is_reused(char_tokenizer, tmp_path):
   assert len(list(tmp_path.glob("tokens-*"))) == 2
 
 
+def _damage_truncate(cache):
+  with open(cache / "tokens.bin", "r+b") as f:
+    f.truncate(10)   # an interrupted copy
+
+
+def _damage_meta(cache):
+  (cache / "meta.json").write_text('{"dtype": "uint')
+
+
+def _damage_starts(cache):
+  (cache / "doc_starts.npy").unlink()
+
+
+@pytest.mark.parametrize("damage", [_damage_truncate, _damage_meta,
+                                    _damage_starts])
+def test_inconsistent_cache_is_rebuilt_with_a_warning(char_tokenizer,
+                                                      tmp_path, caplog,
+                                                      damage):
+  source = _ListSource(["hello world", "second doc"] * 20)
+  first = pipeline_lib.load_or_tokenize(source, char_tokenizer,
+                                        cache_dir=tmp_path)
+  # A copy: first.tokens maps the file that is about to be damaged.
+  first = pipeline_lib.TokenStream(np.array(first.tokens), first.doc_starts,
+                                   first.doc_domains)
+  [cache] = tmp_path.glob("tokens-*")
+  damage(cache)
+  with caplog.at_level(logging.INFO):
+    again = pipeline_lib.load_or_tokenize(source, char_tokenizer,
+                                          cache_dir=tmp_path)
+  np.testing.assert_array_equal(first.tokens, again.tokens)
+  np.testing.assert_array_equal(first.doc_starts, again.doc_starts)
+  warnings = [r.getMessage() for r in caplog.records
+              if r.levelno == logging.WARNING]
+  assert len(warnings) == 1
+  assert f"token cache {cache} is inconsistent" in warnings[0]
+  assert "rebuilding" in warnings[0]
+  if damage is _damage_truncate:
+    assert "tokens.bin holds 10 bytes" in warnings[0]
+  # Rebuilt in place, atomically: no temporary or discarded directory left.
+  assert sorted(p.name for p in tmp_path.iterdir()) == [cache.name]
+
+
+def test_cache_building_and_reuse_are_logged(char_tokenizer, tmp_path,
+                                             caplog):
+  source = _ListSource(["hello world", "second doc"] * 20)
+  with caplog.at_level(logging.INFO):
+    stream = pipeline_lib.load_or_tokenize(source, char_tokenizer,
+                                           cache_dir=tmp_path)
+  [cache] = tmp_path.glob("tokens-*")
+  assert f"building the token cache {cache} from _ListSource" in caplog.text
+  assert re.search(f"token cache: {len(stream.tokens)} tokens in [\\d.]+ s "
+                   f"-> {re.escape(str(cache))}", caplog.text)
+  caplog.clear()
+  with caplog.at_level(logging.INFO):
+    pipeline_lib.load_or_tokenize(source, char_tokenizer, cache_dir=tmp_path)
+  assert (f"loaded token cache {cache} ({len(stream.tokens)} tokens)"
+          in caplog.text)
+  assert "building the token cache" not in caplog.text
+
+
+def test_failed_cache_build_leaves_nothing(char_tokenizer, tmp_path):
+  class _Failing(_ListSource):
+    def documents(self):
+      yield from super().documents()
+      raise ValueError("bad record")
+  source = _Failing(["doc"] * 600)   # fails after a first chunk is written
+  with pytest.raises(ValueError, match="bad record"):
+    pipeline_lib.load_or_tokenize(source, char_tokenizer, cache_dir=tmp_path)
+  assert not list(tmp_path.iterdir())
+
+
 # ---------------------------------------------------------------------------
 # Shuffle and (2) per-process slices.
 
@@ -172,7 +245,8 @@ class _CharLike:
 
 def test_batch_must_divide_among_processes():
   windows = pipeline_lib.PackedWindows(_arange_stream(100), 3)
-  with pytest.raises(ValueError, match=r"config\.train\.global_batch=6"):
+  with pytest.raises(ValueError, match=r"^global_batch_size=6: .* process "
+                     r"count 4"):
     pipeline_lib.batched_dataset(windows, global_batch_size=6, seed=0,
                                  process_index=0, process_count=4)
 
@@ -274,9 +348,10 @@ def test_separate_validation_source(tmp_path):
   np.testing.assert_array_equal(batches[0]["inputs"][0], stream.tokens[:31])
 
 
-def test_too_little_data_names_the_fields(char_tokenizer):
+def test_too_little_data_names_the_arguments(char_tokenizer):
   source = _ListSource(["tiny"])
-  with pytest.raises(ValueError, match=r"config\.train\.global_batch=8"):
+  with pytest.raises(ValueError, match=r"^global_batch_size=8: .*lower "
+                     r"`seq_len` / `global_batch_size`"):
     pipeline_lib.build_pipeline(source, char_tokenizer, seq_len=2,
                                 global_batch_size=8, process_index=0,
                                 process_count=1)

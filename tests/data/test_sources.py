@@ -140,8 +140,8 @@ def test_array_record_and_tfds_sources_on_real_files(shared_data, tmp_path):
 def test_tinyshakespeare_through_the_pipeline(shared_data, tmp_path):
   path = _need(shared_data / "tinyshakespeare.txt")
   source = sources_lib.TextSource(path, doc_mode="paragraph")
-  tok = tokenizer_lib.load_or_train_tokenizer(
-      workdir=tmp_path, texts=source, vocab_size=300, max_chars=200_000)
+  tok = tokenizer_lib.train_or_reuse_tokenizer(
+      tmp_path, source, vocab_size=300, max_chars=200_000)
   pipe = pipeline_lib.build_pipeline(
       source, tok, seq_len=64, global_batch_size=8, valid_windows=16,
       max_tokens=50_000, cache_dir=tmp_path / "cache", process_index=0,
@@ -262,59 +262,100 @@ class _Bytes:
 
 
 def test_synthetic_rejects_bad_settings():
-  with pytest.raises(ValueError, match="config.data.synthetic.num_domains=9"):
+  with pytest.raises(ValueError, match="^num_domains=9: expected 1..6"):
     sources_lib.SyntheticSource(10, num_domains=9)
-  with pytest.raises(ValueError, match="config.data.synthetic.num_docs"):
+  with pytest.raises(ValueError, match="^num_docs=0"):
     sources_lib.SyntheticSource(0)
 
 
 # ---------------------------------------------------------------------------
-# (7) Missing data: the error names what was looked for and the config field.
+# (7) Missing data: the error names what was looked for and the argument
+# (from_config puts the config field in front: test_from_config.py).
 
 
 @pytest.mark.parametrize("kind",
                          ["files", "text", "jsonl", "parquet", "array_record"])
-def test_missing_path_names_path_and_field(kind, tmp_path):
+def test_missing_path_names_path_and_argument(kind, tmp_path):
   missing = str(tmp_path / "no_such_dir" / "shard.x")
   with pytest.raises(FileNotFoundError) as info:
     sources_lib.make_source(kind, path=missing)
   message = str(info.value)
-  assert missing in message and "config.data.train_path" in message
+  assert message.startswith(f"path={missing!r}: no ")
+  assert "config." not in message   # sources know no config fields
   assert "synthetic" in message   # how to run without data
   # An empty directory or a glob that matches nothing fails the same way.
-  with pytest.raises(FileNotFoundError, match=r"config\.data\.train_path="):
+  with pytest.raises(FileNotFoundError, match=r"^path="):
     sources_lib.make_source(kind, path=str(tmp_path))
   with pytest.raises(FileNotFoundError, match=r"glob pattern"):
     sources_lib.make_source(kind, path=str(tmp_path / "*.nothing"))
-  with pytest.raises(FileNotFoundError,
-                     match=r"needs config\.data\.train_path"):
+  with pytest.raises(FileNotFoundError, match=f"^kind='{kind}' needs `path`"):
     sources_lib.make_source(kind)
-  # The validation files name their own field.
-  with pytest.raises(FileNotFoundError, match=r"config\.data\.eval_path="):
-    sources_lib.make_source(kind, path=missing,
-                            field=sources_lib.EVAL_PATH_FIELD)
 
 
-def test_missing_tfds_dataset_names_name_dir_and_fields(tmp_path):
+def test_missing_tfds_dataset_names_name_dir_and_arguments(tmp_path):
   with pytest.raises(FileNotFoundError) as info:
     sources_lib.make_source("tfds", tfds_name="c4/en:3.0.1",
                             tfds_data_dir=str(tmp_path))
   message = str(info.value)
-  for part in ("c4/en:3.0.1", str(tmp_path), "config.data.tfds_name",
-               "config.data.tfds_data_dir"):
-    assert part in message
-  with pytest.raises(FileNotFoundError, match="config.data.tfds_data_dir="):
+  assert message.startswith("tfds_name='c4/en:3.0.1': ")
+  assert f"`tfds_data_dir`={str(tmp_path)!r}" in message
+  with pytest.raises(FileNotFoundError, match="^tfds_data_dir='"):
     sources_lib.make_source("tfds", tfds_name="c4",
                             tfds_data_dir=str(tmp_path / "absent"))
-  with pytest.raises(ValueError, match="config.data.tfds_name is empty"):
+  with pytest.raises(ValueError, match="^tfds_name is empty"):
     sources_lib.make_source("tfds")
 
 
-def test_bad_records_name_file_and_field(tmp_path):
+def test_bad_records_name_file_and_argument(tmp_path):
   path = tmp_path / "d.jsonl"
   path.write_text(json.dumps({"content": "x"}) + "\n")
   with pytest.raises(ValueError, match=r"d\.jsonl:1: no field 'text'.*"
-                     r"config\.data\.text_field"):
+                     r"`text_field`"):
     list(sources_lib.JsonlSource(str(path)))
-  with pytest.raises(ValueError, match=r"config\.data\.source='csv'"):
+  with pytest.raises(ValueError, match=r"^kind='csv': expected one of"):
     sources_lib.make_source("csv", path=str(path))
+
+
+# ---------------------------------------------------------------------------
+# (8) Text that is not UTF-8: the error names the file, the line and the fix.
+
+
+def _latin1_file(path, lines):
+  """`lines` joined by newlines, encoded as Latin-1 (gzip for .gz names)."""
+  data = "\n".join(lines).encode("latin-1")
+  if str(path).endswith(".gz"):
+    data = gzip.compress(data)
+  path.write_bytes(data)
+  return str(path)
+
+
+def _assert_not_utf8(info, path, line):
+  message = str(info.value)
+  assert message.startswith(f"{path}:{line}: not UTF-8 text (byte 0xe9")
+  assert "iconv -f latin1 -t utf-8" in message and "`path`" in message
+  # A plain ValueError naming the file, not the bare decoder error.
+  assert not isinstance(info.value, UnicodeDecodeError)
+  assert isinstance(info.value.__cause__, UnicodeDecodeError)
+
+
+@pytest.mark.parametrize("doc_mode", ["file", "line", "paragraph"])
+@pytest.mark.parametrize("name", ["latin1.txt", "latin1.txt.gz"])
+def test_latin1_text_names_file_line_and_fix(tmp_path, doc_mode, name):
+  # 5000 good lines first: the decoder fails blocks, not lines, past them.
+  path = _latin1_file(tmp_path / name,
+                      ["plain ascii"] * 5000 + ["", "un café crème"])
+  with pytest.raises(ValueError) as info:
+    list(sources_lib.TextSource(path, doc_mode=doc_mode))
+  _assert_not_utf8(info, path, 5002)
+  if name.endswith(".gz"):
+    assert "zcat latin1.txt.gz | iconv" in str(info.value)
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "files"])
+def test_binary_jsonl_names_file_and_line(tmp_path, kind):
+  path = tmp_path / "d.jsonl"
+  good = [json.dumps({"text": f"doc {i}"}) for i in range(3000)]
+  path.write_bytes("\n".join(good + ['{"text": "é"}']).encode("latin-1"))
+  with pytest.raises(ValueError) as info:
+    list(sources_lib.make_source(kind, path=str(path)))
+  _assert_not_utf8(info, path, 3001)

@@ -1,5 +1,6 @@
 """SentencePiece training, caching and loading (small vocabularies)."""
 
+import logging
 import os
 import re
 
@@ -26,8 +27,8 @@ def training_text():
 def test_trains_bpe_with_split_digits_and_caches(training_text, tmp_path,
                                                  monkeypatch):
   source, text = training_text
-  tok = tokenizer_lib.load_or_train_tokenizer(
-      workdir=tmp_path, texts=source, vocab_size=300, max_chars=300_000)
+  tok = tokenizer_lib.train_or_reuse_tokenizer(
+      tmp_path, source, vocab_size=300, max_chars=300_000)
   path = tmp_path / "tokenizer_bpe300.model"
   assert tok.path == str(path) and path.is_file()
   assert tok.vocab_size == 300
@@ -52,8 +53,8 @@ def test_trains_bpe_with_split_digits_and_caches(training_text, tmp_path,
   def no_training(*args, **kwargs):
     raise AssertionError("trained again instead of reusing the cache")
   monkeypatch.setattr(tokenizer_lib, "train_sentencepiece", no_training)
-  again = tokenizer_lib.load_or_train_tokenizer(
-      workdir=tmp_path, texts=source, vocab_size=300)
+  again = tokenizer_lib.train_or_reuse_tokenizer(
+      tmp_path, source, vocab_size=300)
   assert again.path == str(path) and os.path.getmtime(path) == mtime
   assert again.encode(text) == ids
 
@@ -66,7 +67,7 @@ def test_training_is_deterministic_and_writes_given_path(tmp_path):
                                         vocab_size=200)
   with open(a, "rb") as fa, open(b, "rb") as fb:
     assert fa.read() == fb.read()
-  tok = tokenizer_lib.load_or_train_tokenizer(model_path=b, vocab_size=999)
+  tok = tokenizer_lib.load_tokenizer(b)
   assert tok.vocab_size == 200   # an existing model keeps its own size
   # The separator is plain text, tokenized as the pipeline appends it.
   sep = tok.encode(texts[0] + tokenizer_lib.DOC_SEPARATOR)
@@ -78,22 +79,52 @@ def test_loads_an_existing_model(shared_data):
   path = shared_data / "tokenizers" / "maxtext_c4_en_unigram_32768.model"
   if not path.is_file():
     pytest.skip(f"{path} not found")
-  tok = tokenizer_lib.load_or_train_tokenizer(model_path=path, texts=None)
+  tok = tokenizer_lib.load_tokenizer(path)
   assert tok.vocab_size == 32768
   assert tok.decode(tok.encode("Hello world")) == "Hello world"
 
 
-def test_errors_name_the_config_field(tmp_path):
+def test_errors_name_the_argument(tmp_path):
+  missing = tmp_path / "missing.model"
   with pytest.raises(FileNotFoundError,
-                     match=r"config\.data\.tokenizer=.*missing\.model"):
-    tokenizer_lib.load_or_train_tokenizer(model_path=tmp_path / "missing.model")
-  with pytest.raises(FileNotFoundError, match=r"config\.data\.tokenizer"):
+                     match=f"^model_path='{re.escape(str(missing))}': no "):
+    tokenizer_lib.load_tokenizer(missing)
+  with pytest.raises(FileNotFoundError, match="^model_path="):
     tokenizer_lib.SentencePieceTokenizer(tmp_path / "nope.model")
-  with pytest.raises(ValueError, match=r"config\.data\.tokenizer"):
-    tokenizer_lib.load_or_train_tokenizer(texts=["x"])
-  # A corpus too small for the vocabulary: the message says which field.
-  with pytest.raises(ValueError, match=r"config\.data\.vocab_size"):
+  garbage = tmp_path / "garbage.model"
+  garbage.write_bytes(b"not a model")
+  with pytest.raises(ValueError, match="^model_path=.*not a SentencePiece"):
+    tokenizer_lib.load_tokenizer(garbage)
+  # A corpus too small for the vocabulary: the message says which argument.
+  with pytest.raises(ValueError, match=r"^vocab_size=5000: .*`vocab_size`"):
     tokenizer_lib.train_sentencepiece(["a tiny text"] * 5,
                                       tmp_path / "t.model", vocab_size=5000)
-  with pytest.raises(ValueError, match="no text"):
+  with pytest.raises(ValueError, match="^texts: no training text"):
     tokenizer_lib.train_sentencepiece([], tmp_path / "e.model")
+
+
+def test_load_never_trains_at_a_missing_path(tmp_path, monkeypatch):
+  """A typo'd model path is an error, not a new tokenizer written there."""
+  def no_training(*args, **kwargs):
+    raise AssertionError("trained a tokenizer for a load request")
+  monkeypatch.setattr(tokenizer_lib, "train_sentencepiece", no_training)
+  typo = tmp_path / "typo" / "c4.model"
+  with pytest.raises(FileNotFoundError, match="typo/c4.model"):
+    tokenizer_lib.load_tokenizer(typo)
+  assert not typo.parent.exists()
+
+
+def test_training_and_reuse_are_logged(tmp_path, caplog):
+  texts = list(sources_lib.SyntheticSource(300, seed=0))
+  with caplog.at_level(logging.INFO):
+    tokenizer_lib.train_or_reuse_tokenizer(tmp_path, texts, vocab_size=200)
+  log = caplog.text
+  path = str(tmp_path / "tokenizer_bpe200.model")
+  assert re.search(r"training a SentencePiece bpe tokenizer \(vocab 200\) "
+                   f"on .* -> {re.escape(path)}", log)
+  assert re.search(r"trained the SentencePiece tokenizer .* in [\d.]+ s", log)
+  caplog.clear()
+  with caplog.at_level(logging.INFO):
+    tokenizer_lib.train_or_reuse_tokenizer(tmp_path, texts, vocab_size=200)
+  assert f"reusing the workdir's tokenizer {path}" in caplog.text
+  assert "training a SentencePiece" not in caplog.text

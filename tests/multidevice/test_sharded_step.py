@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 
 from moe_jax import config_lib
+from moe_jax import models
 from moe_jax import sharding as sharding_lib
+from moe_jax import state as state_lib
 from moe_jax import train as train_lib
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[2] / 'configs'
@@ -40,9 +42,9 @@ def tiny(router: str, mesh: dict | None = None):
 def initial_state(router: str):
   """The router's initial TrainState on one device (shared by the layouts)."""
   config = tiny(router)
-  model = config_lib.build_model(config)
-  optimizer, _ = train_lib.make_optimizer(config.train)
-  init = functools.partial(train_lib.init_state, model=model,
+  model = models.build(config)
+  optimizer, _ = state_lib.make_optimizer(config.train)
+  init = functools.partial(state_lib.init_state, model=model,
                            optimizer=optimizer, config=config)
   return jax.device_get(jax.jit(lambda k: nn.unbox(init(k)))(
       jax.random.key(0)))
@@ -52,10 +54,10 @@ def loss_and_grads(config, devices):
   """(loss, grads) of one micro-batch with the config's mesh over devices."""
   mesh = sharding_lib.make_mesh(config.mesh, devices)
   rules = sharding_lib.logical_rules(config.mesh)
-  model = config_lib.build_model(config)
-  optimizer, _ = train_lib.make_optimizer(config.train)
+  model = models.build(config)
+  optimizer, _ = state_lib.make_optimizer(config.train)
   settings = train_lib.StepSettings.from_config(config)
-  init = functools.partial(train_lib.init_state, model=model,
+  init = functools.partial(state_lib.init_state, model=model,
                            optimizer=optimizer, config=config)
   key = jax.random.key(0)
   shardings = sharding_lib.tree_shardings(jax.eval_shape(init, key), mesh,
@@ -72,7 +74,7 @@ def loss_and_grads(config, devices):
     grad = jax.value_and_grad(functools.partial(
         train_lib._micro_loss, model=model, settings=settings), has_aux=True)
     (loss, _), grads = grad(state.params, state.router_state,
-                            state.remoe_lambda, batch, state.step,
+                            state.router_hook, batch, state.step,
                             jax.random.key(1))
     return loss, grads
 

@@ -16,7 +16,12 @@ import pytest
 
 from moe_jax import config_lib
 from moe_jax import flops as flops_lib
+from moe_jax import models
+from moe_jax import scoring
+from moe_jax import state as state_lib
 from moe_jax import train as train_lib
+from moe_jax.models import decoder
+from moe_jax.moe import router as router_lib
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[2] / 'configs'
 
@@ -36,10 +41,10 @@ def tiny(name: str, **overrides):
 
 def one_step(config, batch_seed=0):
   """(state before, state after, metrics, batch) of one train step."""
-  model = config_lib.build_model(config)
-  optimizer, schedule = train_lib.make_optimizer(config.train)
+  model = models.build(config)
+  optimizer, schedule = state_lib.make_optimizer(config.train)
   settings = train_lib.StepSettings.from_config(config)
-  state = jax.jit(lambda k: train_lib.nn.unbox(train_lib.init_state(
+  state = jax.jit(lambda k: train_lib.nn.unbox(state_lib.init_state(
       k, model=model, optimizer=optimizer, config=config)))(
           jax.random.key(config.train.seed))
   rng = np.random.default_rng(batch_seed)
@@ -69,7 +74,7 @@ def libmoe_lr(step, *, lr, warmup, t_max, floor=0.1):
 @pytest.mark.parametrize('size', ['154m', '660m'])
 def test_schedule_matches_libmoe(size):
   config = config_lib.load_config(f'{CONFIGS}/smoe_{size}.py')
-  schedule = train_lib.learning_rate_schedule(config.train)
+  schedule = state_lib.learning_rate_schedule(config.train)
   warmup, t_max = config.train.warmup_steps, config.train.steps
   assert warmup == (0 if size == '154m' else 4000)
   for step in [0, 1, 2000, 4000, 4001, 50_000, 99_999, 100_000, 396_000]:
@@ -90,34 +95,46 @@ def test_weighted_aux_loss_by_hand():
             'remoe_l1': jnp.array([10.0, 20.0, 30.0])}
   lam = jnp.array([0.5, 0.5, 2.0])
   coefficients = {'balance': 0.01, 'remoe_l1': 1.0}
-  total = train_lib.weighted_aux_loss(losses, coefficients, 'sum', lam)
+  scales = {'remoe_l1': lam}
+  total = train_lib.weighted_aux_loss(losses, coefficients, 'sum', scales)
   # 0.01 * 6 + (5 + 10 + 60)
   np.testing.assert_allclose(float(total), 0.06 + 75.0, rtol=1e-6)
-  mean = train_lib.weighted_aux_loss(losses, coefficients, 'mean', lam)
+  mean = train_lib.weighted_aux_loss(losses, coefficients, 'mean', scales)
   np.testing.assert_allclose(float(mean), 0.02 + 25.0, rtol=1e-6)
 
 
+def _remoe_cfg(libmoe: bool):
+  # top_k / E = 1 / 4: the sparsity target is 0.75.
+  return router_lib.make_config('remoe', num_experts=8, top_k=2, d_model=4,
+                                parity={'remoe_libmoe': libmoe})
+
+
 def test_remoe_lambda_update_paper_and_libmoe():
-  lam = jnp.full((3,), 1e-8)
+  hook = router_lib.ROUTERS['remoe'].step_hook
+  options = {'lambda0': 1e-8, 'alpha': 1.2}
+  update = lambda lam, s, libmoe: np.asarray(hook.update(
+      {'lambda': lam}, {'remoe_sparsity': s}, _remoe_cfg(libmoe),
+      options)['lambda'])
+  lam = hook.init(_remoe_cfg(False), 3, options)['lambda']
+  np.testing.assert_allclose(np.asarray(lam), 1e-8, rtol=1e-6)
   # Paper: the mean sparsity decides for all layers; equality divides.
-  up = train_lib.update_remoe_lambda(lam, jnp.array([0.5, 0.6, 0.7]),
-                                     target=0.75, alpha=1.2, libmoe=False)
-  np.testing.assert_allclose(np.asarray(up), 1.2e-8, rtol=1e-6)
-  eq = train_lib.update_remoe_lambda(lam, jnp.array([0.75, 0.75, 0.75]),
-                                     target=0.75, alpha=1.2, libmoe=False)
-  np.testing.assert_allclose(np.asarray(eq), 1e-8 / 1.2, rtol=1e-6)
+  up = update(lam, jnp.array([0.5, 0.6, 0.7]), False)
+  np.testing.assert_allclose(up, 1.2e-8, rtol=1e-6)
+  eq = update(lam, jnp.array([0.75, 0.75, 0.75]), False)
+  np.testing.assert_allclose(eq, 1e-8 / 1.2, rtol=1e-6)
   # LibMoE parity: per layer, clamped to [1e-6, 1e2].
-  lam = jnp.array([1e-2, 1e-6, 99.0])
-  out = train_lib.update_remoe_lambda(lam, jnp.array([0.9, 0.9, 0.1]),
-                                      target=0.75, alpha=1.2, libmoe=True)
-  np.testing.assert_allclose(np.asarray(out), [1e-2 / 1.2, 1e-6, 100.0],
-                             rtol=1e-6)
+  out = update(jnp.array([1e-2, 1e-6, 99.0]), jnp.array([0.9, 0.9, 0.1]),
+               True)
+  np.testing.assert_allclose(out, [1e-2 / 1.2, 1e-6, 100.0], rtol=1e-6)
+  # The L1 loss of layer l is scaled by λ_l.
+  scales = hook.loss_scales({'lambda': jnp.array([1.0, 2.0, 3.0])})
+  np.testing.assert_allclose(np.asarray(scales['remoe_l1']), [1, 2, 3])
 
 
 def test_cross_entropy_by_hand():
   logits = jnp.log(jnp.array([[[0.5, 0.25, 0.25], [0.1, 0.8, 0.1]]]))
   targets = jnp.array([[1, 1]])
-  ce, accuracy = train_lib.token_cross_entropy(logits, targets)
+  ce, accuracy = scoring.token_cross_entropy(logits, targets)
   np.testing.assert_allclose(float(ce), -(math.log(0.25) + math.log(0.8)) / 2,
                              rtol=1e-6)
   assert float(accuracy) == 0.5
@@ -130,7 +147,7 @@ def test_step_decreases_loss_on_a_repeated_batch():
   config = tiny('smoe_154m')
   _, state, metrics, batch, model = one_step(config)
   logits, _ = jax.jit(model.apply)({'params': state.params}, batch['inputs'])
-  after, _ = train_lib.token_cross_entropy(logits, batch['targets'])
+  after, _ = scoring.token_cross_entropy(logits, batch['targets'])
   assert float(after) < float(metrics['ce'])
   assert int(state.step) == 1
   assert np.asarray(metrics['max_mean_load']).shape == (config.model.num_layers,)
@@ -172,7 +189,7 @@ def test_xmoe_embeddings_projected_after_the_update():
   config = tiny('xmoe_154m')
   _, after, _, _, _ = one_step(config)
   norm = config_lib.layer_lib.MoEBlock(
-      **config_lib.ffn_kwargs(config)).router_config().xmoe_embed_norm
+      **decoder.ffn_kwargs(config)).router_config().xmoe_embed_norm
   for i in range(config.model.num_layers):
     embed = after.params[f'layer_{i}']['moe']['router']['router']['embed']
     norms = np.linalg.norm(np.asarray(embed), axis=0)
@@ -185,7 +202,7 @@ def test_xmoe_embeddings_projected_after_the_update():
 def test_remoe_lambda_moves_once_per_step():
   config = tiny('remoe_154m')
   _, after, metrics, _, _ = one_step(config)
-  lam = np.asarray(after.remoe_lambda)
+  lam = np.asarray(after.router_hook['lambda'])
   target = 1 - config.moe.top_k / config.moe.num_experts
   sparsity = float(metrics['remoe_sparsity'])
   factor = 1.2 if sparsity < target else 1 / 1.2

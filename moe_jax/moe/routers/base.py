@@ -139,20 +139,36 @@ class RouterConfig:
     return bool(self.parity.get(name, False))
 
 
-PARITY_FLAGS = frozenset({
-    'xmoe_double_softmax',   # D2
-    'bias_on_probs',         # D10 (cosine routers)
-    'group_mask_zero',       # D6b
-    'tc_global_counts',      # D7
-    'remoe_libmoe',          # D8
-    'moepp_mul_topk',        # MoE++ reference x k input scaling
-    'vlm_loss_on_softmax',   # D9 / D5b VLM originals
-})
+@dataclasses.dataclass(frozen=True)
+class StepHook:
+  """Per-step router state that the train step keeps, outside the layer.
+
+  For algorithms whose training rule adapts a loss weight from the step's
+  statistics (ReMoE's λ, algorithms.md §3.11). The layer returns its losses
+  unweighted and never reads this state; the train step scales the named
+  losses by it, then updates it after the optimiser step. It is checkpointed
+  in `TrainState.router_hook`.
+
+  options_key: the sub-dict of the experiment's `loss` config holding the
+    hook's settings (e.g. 'remoe' -> config.loss.remoe).
+  check(options) -> None: raises ValueError naming a bad option (bare name).
+  init(cfg, num_layers, options) -> state pytree.
+  loss_scales(state) -> {loss name: [L] multiplier of that per-layer loss}.
+  update(state, layer_stats {name: [L]}, cfg, options) -> new state.
+  metrics(state) -> {name: scalar} logged with the step.
+  """
+
+  options_key: str
+  check: Callable[[Mapping[str, Any]], None]
+  init: Callable[..., Any]
+  loss_scales: Callable[[Any], dict[str, Array]]
+  update: Callable[..., Any]
+  metrics: Callable[[Any], dict[str, Array]]
 
 
 @dataclasses.dataclass(frozen=True)
 class RouterSpec:
-  """A registered routing algorithm.
+  """A registered routing algorithm: everything the rest of moe_jax needs.
 
   init(key, cfg) -> (params, state): trainable params, non-trainable state.
   route(params, state, x[T, D], cfg, *, step, rng, train, prev_logits)
@@ -161,6 +177,16 @@ class RouterSpec:
   default_losses: names of the losses this algorithm trains with.
   post_update(params, state, stats, cfg) -> (params, state): the update the
     train step applies after the optimiser (DeepSeek-V3 bias, XMoE norms).
+  route_applies_drop_top: True when `route` applies cfg.drop_top itself
+    (MoE++, whose special slots are split off inside route); otherwise
+    Router applies drop_top() after it.
+  check(cfg) -> None: the algorithm's own option checks (ValueError naming
+    the option); the generic ones live in router.make_config.
+  parity_flags: {flag: the LibMoE defect it reproduces (algorithms.md
+    §4-5)}; the only flags `cfg.parity` may set for this router, and the
+    ones its configs list (all off).
+  slots(cfg) -> K: slots per token of the output; None means cfg.top_k.
+  step_hook: per-step state kept by the train step (StepHook), or None.
   """
 
   init: Callable[..., tuple[dict, dict]]
@@ -168,9 +194,11 @@ class RouterSpec:
   output_width: Callable[[RouterConfig], int]
   default_losses: tuple[str, ...]
   post_update: Callable[..., tuple[dict, dict]] | None = None
-  # True when `route` applies cfg.drop_top itself (MoE++, whose special slots
-  # are split off inside route); otherwise Router applies drop_top() after it.
   route_applies_drop_top: bool = False
+  check: Callable[[RouterConfig], None] | None = None
+  parity_flags: Mapping[str, str] = dataclasses.field(default_factory=dict)
+  slots: Callable[[RouterConfig], int] | None = None
+  step_hook: StepHook | None = None
 
 
 def router_weight_init(key: Array, cfg: RouterConfig, width: int) -> dict:

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from moe_jax.moe.routers import base
+from moe_jax.validation import require
 
 
 def init(key, cfg: base.RouterConfig):
@@ -65,3 +66,17 @@ def post_update(params, state, stats, cfg: base.RouterConfig):
 
 def width(cfg):
   return cfg.num_experts
+
+
+def check(cfg: base.RouterConfig) -> None:
+  """Group-limited routing needs groups that can hold the top-k experts."""
+  if cfg.n_group <= 1:
+    return
+  e, k = cfg.num_experts, cfg.top_k
+  require(e % cfg.n_group == 0 and e // cfg.n_group >= 2, 'n_group',
+          f'a divisor of num_experts={e} leaving >= 2 experts per group',
+          cfg.n_group)
+  require(1 <= cfg.topk_group <= cfg.n_group, 'topk_group',
+          f'in [1, n_group={cfg.n_group}]', cfg.topk_group)
+  require(cfg.topk_group * (e // cfg.n_group) >= k, 'topk_group',
+          f'enough kept groups to hold top_k={k} experts', cfg.topk_group)

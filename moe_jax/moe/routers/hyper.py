@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from moe_jax.moe.routers import base
+from moe_jax.validation import require
 
 
 def hidden_width(cfg: base.RouterConfig) -> int:
@@ -76,3 +77,11 @@ def route(params, state, x, cfg: base.RouterConfig, *, step=0, rng=None,
 
 def width(cfg):
   return cfg.num_experts
+
+
+def check(cfg: base.RouterConfig) -> None:
+  """The k schedule runs from hyper_k_min up to top_k over total_steps."""
+  require(1 <= cfg.hyper_k_min <= cfg.top_k, 'hyper_k_min',
+          f'in [1, top_k={cfg.top_k}]', cfg.hyper_k_min)
+  require(cfg.total_steps >= 1, 'total_steps', 'an integer >= 1',
+          cfg.total_steps)

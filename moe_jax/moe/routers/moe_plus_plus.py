@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from moe_jax.moe.routers import base
+from moe_jax.validation import require
 
 
 def width(cfg: base.RouterConfig) -> int:
@@ -94,3 +95,8 @@ def route(params, state, x, cfg: base.RouterConfig, *, step=0, rng=None,
       expert_index=expert_index, weight=jnp.where(is_ffn, weight, 0.0),
       choice=choice.astype(jnp.int32), probs=p, logits=z, balance_eta=eta,
       special={'copy_weight': copy_weight, 'const_weight': const_weight})
+
+
+def check(cfg: base.RouterConfig) -> None:
+  require(cfg.router_depth in (1, 2), 'router_depth', '1 or 2',
+          cfg.router_depth)

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from moe_jax.moe.routers import base
+from moe_jax.validation import require
 
 
 def num_slots(cfg: base.RouterConfig) -> int:
@@ -60,3 +61,66 @@ def route(params, state, x, cfg: base.RouterConfig, *, step=0, rng=None,
 
 def width(cfg):
   return cfg.num_experts
+
+
+def check(cfg: base.RouterConfig) -> None:
+  e = cfg.num_experts
+  require(num_slots(cfg) <= e, 'remoe_max_active', f'at most num_experts={e}',
+          num_slots(cfg))
+  require(cfg.top_k <= e, 'top_k', f'at most num_experts={e}', cfg.top_k)
+
+
+# ----------------------------------------------------------------------------
+# Adaptive L1 weight λ (algorithms.md §3.11), kept by the train step.
+
+# LibMoE LM ReMoE (parity flag remoe_libmoe, D8): per-layer λ clamped here.
+LIBMOE_LAMBDA_CLAMP = (1e-6, 1e2)
+
+
+def check_lambda_options(options) -> None:
+  """options: {'lambda0': initial λ > 0, 'alpha': multiplier > 1}."""
+  for name in ('lambda0', 'alpha'):
+    require(name in options, name, 'a value (adaptive-lambda setting)', None)
+  require(options['lambda0'] > 0, 'lambda0', 'a value > 0',
+          options['lambda0'])
+  require(options['alpha'] > 1, 'alpha', 'a value > 1', options['alpha'])
+
+
+def init_lambda(cfg: base.RouterConfig, num_layers: int, options) -> dict:
+  """{'lambda': [L]} all lambda0 (one value per layer, equal unless D8)."""
+  del cfg
+  return {'lambda': jnp.full((num_layers,), options['lambda0'], jnp.float32)}
+
+
+def lambda_loss_scales(state) -> dict:
+  """The L1 loss of layer l is weighted by λ_l."""
+  return {'remoe_l1': state['lambda']}
+
+
+def update_lambda(state, layer_stats, cfg: base.RouterConfig,
+                  options) -> dict:
+  """One λ update from the step's sparsity [L] (algorithms.md §3.11).
+
+  Paper: S = mean over layers; λ ← λ·α if S < target else λ/α with target
+  1 - k/E, no clamp, one value for all layers. LibMoE parity (D8): per layer,
+  clamped to LIBMOE_LAMBDA_CLAMP.
+  """
+  lam, alpha = state['lambda'], options['alpha']
+  sparsity = layer_stats['remoe_sparsity']                      # [L]
+  target = 1.0 - cfg.top_k / cfg.num_experts
+  if cfg.flag('remoe_libmoe'):
+    up = sparsity < target                                      # [L]
+    new = jnp.where(up, lam * alpha, lam / alpha)
+    return {'lambda': jnp.clip(new, *LIBMOE_LAMBDA_CLAMP)}
+  up = jnp.mean(sparsity) < target
+  return {'lambda': jnp.where(up, lam * alpha, lam / alpha)}
+
+
+def lambda_metrics(state) -> dict:
+  return {'remoe_lambda': jnp.mean(state['lambda'])}
+
+
+LAMBDA_HOOK = base.StepHook(
+    options_key='remoe', check=check_lambda_options, init=init_lambda,
+    loss_scales=lambda_loss_scales, update=update_lambda,
+    metrics=lambda_metrics)

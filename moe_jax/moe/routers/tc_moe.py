@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from moe_jax.moe.routers import base
+from moe_jax.validation import require
 
 
 def num_null(cfg: base.RouterConfig) -> int:
@@ -49,3 +50,7 @@ def route(params, state, x, cfg: base.RouterConfig, *, step=0, rng=None,
   return base.RouterOutput(
       expert_index=expert_index, weight=weight, choice=choice.astype(jnp.int32),
       probs=p, logits=z, balance_eta=base.ones_eta(width(cfg)))
+
+
+def check(cfg: base.RouterConfig) -> None:
+  require(num_null(cfg) >= 0, 'num_null', 'an integer >= 0', cfg.num_null)

@@ -1,4 +1,4 @@
-"""Tests of the decoder LM (moe_jax/model.py) against independent references."""
+"""Tests of the decoder LM (moe_jax/models/decoder.py) against independent references."""
 
 import math
 
@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moe_jax import model as model_lib
+from moe_jax.models import decoder as model_lib
 
 
 def _naive_rope(x, rotate, base=10000.0):

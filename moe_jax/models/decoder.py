@@ -1,5 +1,7 @@
 """Decoder-only language model of LibMoE's LM stack (algorithms.md §6.1).
 
+The `decoder` family of moe_jax/models (`from_config`).
+
   tokens [B, S] -> embed -> L x [x += Attn(LN1 x); x += FFN(LN2 x)] -> LN -> logits
 FFN is an MoEBlock in every layer (or the dense baseline). Attention is causal
 multi-head with partial rotary embeddings (rotate-half layout, base 10000, a
@@ -22,6 +24,7 @@ from typing import Any, Mapping
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from moe_jax.moe import layer as layer_lib
 
@@ -163,3 +166,18 @@ class TransformerLM(nn.Module):
                       bias_init=nn.with_logical_partitioning(
                           nn.initializers.zeros, ('vocab',)))(x)
     return constrain(logits, ('batch', 'seq', 'vocab')), auxes
+
+
+def ffn_kwargs(config: ml_collections.ConfigDict) -> dict:
+  """The `ffn` dict of TransformerLM: plain MoEBlock / DenseFFNBlock kwargs."""
+  sub = config.dense if config.model.dense_ffn else config.moe
+  kwargs = sub.to_dict()
+  if 'losses' in kwargs:
+    kwargs['losses'] = tuple(kwargs['losses'])
+  return kwargs
+
+
+def from_config(config: ml_collections.ConfigDict) -> TransformerLM:
+  """TransformerLM(**config.model, ffn=config.moe | config.dense, dtype)."""
+  return TransformerLM(**config.model.to_dict(), ffn=ffn_kwargs(config),
+                       dtype=jnp.dtype(config.train.dtype))

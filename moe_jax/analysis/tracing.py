@@ -1,0 +1,95 @@
+"""Recording a model's routing into traces (the format: moe_jax/trace.py).
+
+`routing_fn(model)` jits the per-layer routing of a batch; `trace_state`
+runs it over a pipeline's validation set and writes one trace step;
+`trace_checkpoint` does that for a workdir's checkpoint (`--mode=trace`).
+
+Dimension legend: B batch, S sequence, K slots, E' router width.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import numpy as np
+
+from moe_jax import restore
+from moe_jax import trace as trace_lib
+from moe_jax.data import from_config
+
+
+def require_routing(config, what: str) -> None:
+  """The dense baseline routes nothing: a clear error, not an empty trace."""
+  if config.model.dense_ffn:
+    raise ValueError(f'model.dense_ffn: the dense baseline has no routing to '
+                     f'{what}')
+
+
+def routing_fn(model, *, with_probs: bool = False):
+  """jit: (params, router_state, tokens [B, S]) -> per-layer routing arrays.
+
+  Returns a list over MoE layers of {'choice': [B*S, K] int32,
+  'weight': [B*S, K] float32, and with_probs 'probs': [B*S, E']}.
+  """
+  def fn(params, router_state, tokens):
+    variables = {'params': params}
+    if router_state:
+      variables['router_state'] = router_state
+    _, auxes = model.apply(variables, tokens, train=False)
+    out = []
+    for aux in auxes:
+      routing = aux['routing']
+      layer = {'choice': routing['choice'], 'weight': routing['weight']}
+      if with_probs:
+        layer['probs'] = routing['probs']
+      out.append(layer)
+    return out
+  return jax.jit(fn)
+
+
+def trace_checkpoint(config, workdir: str, *, step: int | None = None,
+                     with_probs: bool = False) -> dict[str, Any]:
+  """Traces a workdir's checkpoint over its validation set.
+
+  Args:
+    config: the run's config (as for training).
+    workdir: the run directory; traces go to `<workdir>/traces/`.
+    step: the checkpoint to trace (default: the newest).
+    with_probs: also store the router's full output distribution.
+
+  Returns:
+    write_trace's summary plus {'step'}.
+  """
+  workdir = os.path.abspath(workdir)
+  require_routing(config, 'trace')
+  run = restore.restore_run(config, workdir, step, what='trace')
+  pipeline = from_config.build_data(config, workdir)
+  summary = trace_state(routing_fn(run.model, with_probs=with_probs),
+                        run.params, run.router_state, pipeline,
+                        os.path.join(workdir, 'traces'), run.step)
+  return {**summary, 'step': run.step}
+
+
+def trace_state(route, params, router_state, pipeline, directory: str,
+                step: int) -> dict[str, Any]:
+  """Traces (params, router_state) over the pipeline's validation set.
+
+  Args:
+    route: routing_fn(model, ...) (jit it once and reuse across steps).
+    params, router_state: the model's variables (any sharding).
+    pipeline: a data Pipeline with a validation set.
+    directory: the traces root; writes `<directory>/step=<step>/`.
+    step: the step the variables belong to.
+
+  Returns:
+    write_trace's summary.
+  """
+  def batches():
+    for batch in pipeline.valid_iterator():
+      tokens = np.asarray(batch['inputs'])
+      layers = jax.device_get(route(params, router_state, tokens))
+      yield tokens, batch.get('domain'), layers
+
+  return trace_lib.write_trace(directory, step, batches())

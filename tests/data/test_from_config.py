@@ -1,0 +1,180 @@
+"""build_data(config, workdir): errors name the config field to change."""
+
+import gzip
+import json
+import pathlib
+import re
+
+import pytest
+
+from moe_jax import config_lib
+from moe_jax.data import from_config
+from moe_jax.data import sources as sources_lib
+from moe_jax.data import tokenizer as tokenizer_lib
+
+CONFIGS = pathlib.Path(__file__).resolve().parents[2] / "configs"
+VOCAB = 200
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+  """A small BPE model trained once for the module (vocab 200)."""
+  path = tmp_path_factory.mktemp("tok") / "tok.model"
+  return tokenizer_lib.train_sentencepiece(
+      sources_lib.SyntheticSource(300, seed=0), path, vocab_size=VOCAB)
+
+
+@pytest.fixture
+def config(model_path):
+  """The tiny smoe config on a small synthetic corpus and a given model."""
+  config = config_lib.load_config(f"{CONFIGS / 'smoe_154m.py'}:tiny")
+  config.train.seq_len = 16   # data.seq_len refers to it
+  config.train.global_batch = 4
+  config.train.eval_batches = 1
+  config.data.synthetic.num_docs = 100
+  config.data.tokenizer = model_path
+  config.data.vocab_size = VOCAB
+  config.model.vocab_size = VOCAB
+  return config
+
+
+def _files_config(config, train_path, eval_path=""):
+  config.data.source = "files"
+  config.data.train_path = str(train_path)
+  config.data.eval_path = str(eval_path)
+  return config
+
+
+def _jsonl(path, texts):
+  path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+  return path
+
+
+def test_builds_a_pipeline(config, tmp_path):
+  pipe = from_config.build_data(config, str(tmp_path))
+  batch = next(pipe.train_iterator())
+  assert batch["inputs"].shape == (4, 16)
+  assert pipe.vocab_size == VOCAB
+
+
+def test_missing_paths_name_their_fields(config, tmp_path):
+  missing = tmp_path / "nowhere" / "train"
+  with pytest.raises(FileNotFoundError) as info:
+    from_config.build_data(_files_config(config, missing), str(tmp_path))
+  message = str(info.value)
+  assert message.startswith(f"config.data.train_path: path='{missing}': ")
+  assert "Point config.data.train_path at a file" in message
+  assert "config.data.source='synthetic'" in message
+  # The validation files name their own field.
+  train = _jsonl(tmp_path / "train.jsonl", ["some text"])
+  with pytest.raises(FileNotFoundError,
+                     match=r"^config\.data\.eval_path: path='.*nowhere"):
+    from_config.build_data(_files_config(config, train, missing),
+                           str(tmp_path))
+
+
+def test_pipeline_errors_name_their_fields(config, tmp_path):
+  config.train.seq_len = 0
+  with pytest.raises(ValueError,
+                     match=r"^config\.data\.seq_len: seq_len=0: expected >= 1"):
+    from_config.build_data(config, str(tmp_path))
+  config.train.seq_len = 16
+  config.data.max_tokens = 100
+  with pytest.raises(ValueError) as info:
+    from_config.build_data(config, str(tmp_path))
+  message = str(info.value)
+  assert message.startswith(
+      "config.train.global_batch: global_batch_size=4: ")
+  assert ("raise config.data.max_tokens, or lower config.data.seq_len / "
+          "config.train.global_batch") in message
+
+
+def test_source_settings_name_their_fields(config, tmp_path):
+  config.data.synthetic.num_domains = 9
+  with pytest.raises(ValueError, match=r"^config\.data\.synthetic\.num_domains"
+                     r": num_domains=9: expected 1\.\.6"):
+    from_config.build_data(config, str(tmp_path))
+  bad = _jsonl(tmp_path / "d.jsonl", [])
+  bad.write_text(json.dumps({"content": "x"}) + "\n")
+  with pytest.raises(ValueError) as info:
+    from_config.build_data(_files_config(config, bad), str(tmp_path))
+  message = str(info.value)
+  assert message.startswith(f"config.data.train_path: {bad}:1: no field")
+  assert "Set config.data.text_field to the key" in message
+
+
+def test_typo_in_tokenizer_path_is_an_error(config, tmp_path, monkeypatch):
+  """A missing model file must not train a tokenizer and write it there."""
+  def no_training(*args, **kwargs):
+    raise AssertionError("trained a tokenizer for a path that is a typo")
+  monkeypatch.setattr(tokenizer_lib, "train_sentencepiece", no_training)
+  typo = tmp_path / "some" / "typo" / "c4.model"
+  config.data.tokenizer = str(typo)
+  with pytest.raises(FileNotFoundError) as info:
+    from_config.build_data(config, str(tmp_path / "workdir"))
+  message = str(info.value)
+  assert message.startswith(f"config.data.tokenizer: model_path='{typo}': ")
+  assert "config.data.tokenizer=''" in message   # how to train one instead
+  assert not (tmp_path / "some").exists()
+  assert not (tmp_path / "workdir").exists()
+
+
+def test_empty_tokenizer_trains_into_the_workdir_once(config, tmp_path,
+                                                      monkeypatch):
+  config.data.tokenizer = ""
+  from_config.build_data(config, str(tmp_path))
+  cached = tmp_path / f"tokenizer_bpe{VOCAB}.model"
+  assert cached.is_file()
+  def no_training(*args, **kwargs):
+    raise AssertionError("trained again instead of reusing the workdir's")
+  monkeypatch.setattr(tokenizer_lib, "train_sentencepiece", no_training)
+  pipe = from_config.build_data(config, str(tmp_path))   # a resumed run
+  assert pipe.vocab_size == VOCAB
+  # A vocabulary the corpus cannot support names config.data.vocab_size.
+  monkeypatch.undo()
+  config.data.vocab_size = config.model.vocab_size = 5000
+  config.data.synthetic.num_docs = 5
+  with pytest.raises(ValueError, match=r"^config\.data\.vocab_size: "
+                     r"vocab_size=5000: .* lower config\.data\.vocab_size"):
+    from_config.build_data(config, str(tmp_path / "small"))
+
+
+@pytest.mark.parametrize("tokenizer", ["given", "trained"])
+def test_latin1_training_file_names_file_and_fix(config, tmp_path, tokenizer):
+  path = tmp_path / "latin1.txt"
+  path.write_bytes("first line\nCafé crème\n".encode("latin-1"))
+  if tokenizer == "trained":
+    config.data.tokenizer = ""
+  with pytest.raises(ValueError) as info:
+    from_config.build_data(_files_config(config, path), str(tmp_path))
+  message = str(info.value)
+  assert message.startswith(f"config.data.train_path: {path}:2: not UTF-8")
+  assert "iconv -f latin1 -t utf-8" in message
+  assert not isinstance(info.value, UnicodeDecodeError)
+
+
+def test_binary_validation_file_names_the_eval_field(config, tmp_path):
+  train = _jsonl(tmp_path / "train.jsonl",
+                 sources_lib.SyntheticSource(100, seed=1))
+  valid = tmp_path / "valid.jsonl.gz"
+  with gzip.open(valid, "wb") as f:
+    f.write(b'{"text": "fine"}\n\x89PNG\r\n\x1a\n\xff\xfe\n')
+  with pytest.raises(ValueError) as info:
+    from_config.build_data(_files_config(config, train, valid), str(tmp_path))
+  assert str(info.value).startswith(
+      f"config.data.eval_path: {valid}:2: not UTF-8 text (byte 0x89")
+
+
+def test_config_error_keeps_the_kind():
+  fields = {"seq_len": "config.data.seq_len", "": "config.data.train_path"}
+  error = from_config.config_error(FileNotFoundError("seq_len: x"), fields)
+  assert type(error) is FileNotFoundError
+  assert str(error) == "config.data.seq_len: seq_len: x"
+  # ValueError subclasses that need other arguments become ValueError.
+  decode = UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+  error = from_config.config_error(decode, fields)
+  assert type(error) is ValueError
+  assert re.match(r"config\.data\.train_path: 'utf-8' codec", str(error))
+  # Unknown backticked names are left as they are.
+  error = from_config.config_error(ValueError("a `b` `seq_len`"), fields)
+  assert str(error) == "config.data.train_path: a `b` config.data.seq_len"
