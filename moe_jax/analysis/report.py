@@ -11,16 +11,24 @@ writes to `DIR/report/`:
   margin.png          histogram of the router margin w_(1) - w_(2) per layer
   change_rate.png     expert change rate between consecutive checkpoints
                       (when more than one checkpoint was traced)
-  summary.md          per-layer tables of the metrics of moe_jax.analysis.metrics,
-                      layer similarity, and, when computed, DropTop
-                      (--mode=droptop) and expert similarity (--mode=similarity)
+  summary.md          per-layer tables of the metrics of
+                      moe_jax.analysis.metrics, layer similarity, and, when
+                      computed, DropTop (--mode=droptop) and expert
+                      similarity (--mode=similarity)
 The comparison writes compare_frequency.png, compare_domain_entropy.png and
 compare.md (one row per run) to --out.
+
+Each report is a list of sections (SECTIONS, COMPARE_SECTIONS): a function of
+the runs' traces that draws its figures and returns its Markdown, or None
+when it has nothing to show (no droptop.json, a single checkpoint). The
+Markdown file is the sections' text in order, then the list of their figures.
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable, Sequence
+import dataclasses
 import json
 import os
 
@@ -66,131 +74,6 @@ def infer_width(frame: pd.DataFrame) -> int:
   return int(metrics.choices(frame).max()) + 1
 
 
-def build_report(workdir: str, width: int | None = None) -> dict:
-  """Writes the figures and summary.md; returns {'path', 'layers', 'steps'}."""
-  traces_dir = os.path.join(workdir, 'traces')
-  steps = traced_steps(traces_dir)
-  layers = _partitions(traces_dir, 'layer')
-  final = steps[-1]
-  frames = {layer: trace_lib.read_trace(traces_dir, step=final, layer=layer)
-            for layer in layers}
-  width = width or max(infer_width(f) for f in frames.values())
-  out_dir = os.path.join(workdir, 'report')
-  os.makedirs(out_dir, exist_ok=True)
-
-  frequency = np.stack([metrics.selection_frequency(frames[l], width)
-                        for l in layers])                       # [L, E']
-  fig, ax = plt.subplots(figsize=(max(6, width * 0.3), 1 + 0.4 * len(layers)))
-  image = ax.imshow(frequency, aspect='auto', cmap='viridis')
-  ax.set_xlabel('expert (router output id)')
-  ax.set_ylabel('layer')
-  ax.set_yticks(range(len(layers)), labels=layers)
-  ax.set_title(f'Selection frequency, step {final}')
-  fig.colorbar(image, ax=ax)
-  fig.tight_layout()
-  fig.savefig(os.path.join(out_dir, 'frequency.png'))
-  plt.close(fig)
-
-  domains = pd.DataFrame({l: metrics.per_domain_entropy(frames[l], width)
-                          for l in layers})                    # domain x L
-  ax = domains.plot.bar(figsize=(7, 4))
-  ax.legend(title='layer', bbox_to_anchor=(1.01, 1), loc='upper left')
-  ax.set_xlabel('domain')
-  ax.set_ylabel('selection entropy / ln E\'')
-  ax.set_title(f'Per-domain routing entropy by layer, step {final}')
-  ax.figure.tight_layout()
-  ax.figure.savefig(os.path.join(out_dir, 'domain_entropy.png'))
-  plt.close(ax.figure)
-
-  fig, ax = plt.subplots(figsize=(7, 4))
-  for l in layers:
-    w = np.abs(metrics.weights(frames[l]))
-    w = -np.sort(-w / np.maximum(w.sum(1, keepdims=True), 1e-20), axis=1)
-    ax.hist(w[:, 0] - w[:, 1], bins=30, histtype='step', label=f'layer {l}')
-  ax.set_xlabel('router margin w(1) - w(2)')
-  ax.set_ylabel('tokens')
-  ax.legend()
-  fig.tight_layout()
-  fig.savefig(os.path.join(out_dir, 'margin.png'))
-  plt.close(fig)
-
-  rows = []
-  for l in layers:
-    f = frames[l]
-    row = {'layer': l,
-           'allocation_entropy': metrics.allocation_entropy(f, width),
-           'weight_entropy': metrics.weight_entropy(f),
-           'router_margin': metrics.router_margin(f)}
-    if any(c.startswith('prob_') for c in f.columns):
-      row['h_total'] = metrics.h_total(f)
-    row.update(metrics.load_balance(f, width))
-    rows.append(row)
-  table = pd.DataFrame(rows).set_index('layer')
-
-  overlap = metrics.layer_overlap(frequency)
-  pairs = pd.DataFrame([
-      {'layers': f'{a}-{b}',
-       'token_jaccard': metrics.token_jaccard(frames[a], frames[b]),
-       'layer_sel_overlap': metrics.layer_sel_overlap(frames[b], frames[a])}
-      for a, b in zip(layers, layers[1:])])
-
-  lines = [f'# Routing report: {workdir}', '',
-           f'Checkpoint step {final} (traced steps: {steps}); router width '
-           f"E' = {width}; {len(frames[layers[0]])} tokens per layer.", '',
-           '## Per-layer metrics', '', table.to_markdown(floatfmt='.4f'), '',
-           '## Per-domain selection entropy (/ ln E\')', '',
-           domains.to_markdown(floatfmt='.4f'), '',
-           '## Layer similarity', '',
-           'Histogram intersection of selection frequencies '
-           f'(universal score {metrics.universal_score(overlap):.4f}, '
-           f'optimist score {metrics.optimist_score(overlap):.4f}):'
-           if len(layers) > 1 else 'One layer: no layer pairs.', '']
-  if len(layers) > 1:
-    lines += [pd.DataFrame(overlap, index=layers, columns=layers).to_markdown(
-        floatfmt='.4f'), '', pairs.to_markdown(index=False, floatfmt='.4f'),
-              '']
-  if len(steps) > 1:
-    change = pd.DataFrame(
-        {l: [metrics.change_rate(
-            trace_lib.read_trace(traces_dir, step=a, layer=l),
-            trace_lib.read_trace(traces_dir, step=b, layer=l), width)
-             for a, b in zip(steps, steps[1:])] for l in layers},
-        index=steps[1:])
-    ax = change.plot(marker='o', figsize=(7, 4))
-    ax.set_xlabel('checkpoint step')
-    ax.set_ylabel('expert change rate, %')
-    ax.figure.tight_layout()
-    ax.figure.savefig(os.path.join(out_dir, 'change_rate.png'))
-    plt.close(ax.figure)
-    saturation = pd.DataFrame(
-        {l: [metrics.saturation(
-            trace_lib.read_trace(traces_dir, step=c, layer=l), frames[l],
-            width) for c in steps] for l in layers}, index=steps)
-    lines += ['## Expert change rate between checkpoints (%)', '',
-              change.to_markdown(floatfmt='.2f'), '',
-              f'## Router saturation against step {final} (%)', '',
-              saturation.to_markdown(floatfmt='.2f'), '']
-  drops = droptop.read_droptop(workdir)
-  if drops is not None:
-    lines += [f'## DropTop (step {int(drops.step.iloc[0])}, validation set)',
-              '', drops.drop(columns='step').to_markdown(index=False,
-                                                         floatfmt='.4f'), '']
-  sims = similarity.read_similarity(workdir)
-  if sims is not None:
-    lines += [f'## Expert similarity (step {int(sims.step.iloc[0])})', '',
-              'ANI: mean pairwise cosine of hidden units (W_in, W_out) and '
-              'router expert rows; cka_mean: mean linear CKA between experts\' '
-              'outputs on the layer inputs.', '',
-              sims.drop(columns='step').set_index('layer').to_markdown(
-                  floatfmt='.4f'), '']
-  lines += ['Figures: frequency.png, domain_entropy.png, margin.png' +
-            (', change_rate.png' if len(steps) > 1 else '') + '.', '']
-  path = os.path.join(out_dir, 'summary.md')
-  with open(path, 'w', encoding='utf-8') as f:
-    f.write('\n'.join(lines))
-  return {'path': out_dir, 'layers': layers, 'steps': steps}
-
-
 def run_label(workdir: str) -> str:
   """The run's router from its config.json (else the directory's name)."""
   path = os.path.join(workdir, 'config.json')
@@ -202,71 +85,321 @@ def run_label(workdir: str) -> str:
   return os.path.basename(os.path.normpath(workdir))
 
 
-def compare_runs(workdirs: list[str], out_dir: str) -> dict:
-  """Side-by-side figures and a table of several runs' newest traces.
+@dataclasses.dataclass(frozen=True)
+class Section:
+  """One part of a Markdown report.
 
-  Writes compare_frequency.png (a frequency heatmap per run),
-  compare_domain_entropy.png (per-domain entropy, mean over layers, per run)
-  and compare.md to `out_dir`; returns {'path', 'runs'}.
+  Attributes:
+    markdown: the section's text, from its heading on, without a trailing
+      blank line (sections are joined by one).
+    figures: names of the PNGs it wrote to the report's directory, in order.
   """
-  if len(workdirs) < 2:
-    raise ValueError(f'compare_runs: needs at least 2 workdirs, got '
-                     f'{len(workdirs)}')
-  runs = []
-  for workdir in workdirs:
-    traces_dir = os.path.join(workdir, 'traces')
-    steps = traced_steps(traces_dir)
-    frames = {l: trace_lib.read_trace(traces_dir, step=steps[-1], layer=l)
-              for l in _partitions(traces_dir, 'layer')}
-    width = max(infer_width(f) for f in frames.values())
-    runs.append({'workdir': workdir, 'label': run_label(workdir),
-                 'step': steps[-1], 'frames': frames, 'width': width})
-  os.makedirs(out_dir, exist_ok=True)
+  markdown: str
+  figures: tuple[str, ...] = ()
 
-  fig, axes = plt.subplots(len(runs), 1, squeeze=False,
-                           figsize=(8, 1.6 * len(runs) + 1))
-  for ax, run in zip(axes[:, 0], runs):
-    frames = run['frames']
-    freq = np.stack([metrics.selection_frequency(frames[l], run['width'])
-                     for l in sorted(frames)])
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """The newest traced checkpoint of one run directory.
+
+  Attributes:
+    workdir: the run directory (holding traces/ and, when computed,
+      droptop.json and similarity.json).
+    label: the run's router (run_label), naming it in a comparison.
+    steps: the traced checkpoint steps, sorted.
+    frames: layer -> its trace at steps[-1], one row per token.
+    width: the router output width E'.
+  """
+  workdir: str
+  label: str
+  steps: list[int]
+  frames: dict[int, pd.DataFrame]
+  width: int
+
+  @property
+  def layers(self) -> list[int]:
+    return sorted(self.frames)
+
+  @property
+  def final(self) -> int:
+    return self.steps[-1]
+
+  def read(self, step: int, layer: int) -> pd.DataFrame:
+    """One layer's trace at an earlier step (read on demand, not kept)."""
+    return trace_lib.read_trace(os.path.join(self.workdir, 'traces'),
+                                step=step, layer=layer)
+
+
+def load_run(workdir: str, width: int | None = None) -> Run:
+  """Reads the newest traced checkpoint of `workdir`; E' inferred if None."""
+  traces_dir = os.path.join(workdir, 'traces')
+  steps = traced_steps(traces_dir)
+  frames = {layer: trace_lib.read_trace(traces_dir, step=steps[-1],
+                                        layer=layer)
+            for layer in _partitions(traces_dir, 'layer')}
+  width = width or max(infer_width(f) for f in frames.values())
+  return Run(workdir=workdir, label=run_label(workdir), steps=steps,
+             frames=frames, width=width)
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+  """What a report's sections read, and where they write their figures.
+
+  Attributes:
+    runs: the runs reported on; one for build_report, 2+ for compare_runs.
+    out_dir: the report's directory (figures and the Markdown file).
+  """
+  runs: list[Run]
+  out_dir: str
+
+  @property
+  def run(self) -> Run:
+    """The run of a single-run report."""
+    return self.runs[0]
+
+  def save(self, fig: plt.Figure, name: str) -> str:
+    """Writes `fig` to out_dir/name and closes it; returns `name`."""
+    fig.tight_layout()
+    fig.savefig(os.path.join(self.out_dir, name))
+    plt.close(fig)
+    return name
+
+
+# A section returns None when it has nothing to show (e.g. no droptop.json).
+SectionFn = Callable[[Context], Section | None]
+
+
+def _block(*paragraphs: str) -> str:
+  return '\n\n'.join(paragraphs)
+
+
+def header_section(ctx: Context) -> Section:
+  """Title, and which checkpoint, width and token count the report shows."""
+  run = ctx.run
+  return Section(_block(
+      f'# Routing report: {run.workdir}',
+      f'Checkpoint step {run.final} (traced steps: {run.steps}); router width '
+      f"E' = {run.width}; {len(run.frames[run.layers[0]])} tokens per layer."))
+
+
+def metrics_section(ctx: Context) -> Section:
+  """Per-layer metrics table; margin.png, the margins behind router_margin."""
+  run = ctx.run
+  fig, ax = plt.subplots(figsize=(7, 4))
+  for l in run.layers:
+    w = np.abs(metrics.weights(run.frames[l]))
+    w = -np.sort(-w / np.maximum(w.sum(1, keepdims=True), 1e-20), axis=1)
+    ax.hist(w[:, 0] - w[:, 1], bins=30, histtype='step', label=f'layer {l}')
+  ax.set_xlabel('router margin w(1) - w(2)')
+  ax.set_ylabel('tokens')
+  ax.legend()
+  margin_png = ctx.save(fig, 'margin.png')
+
+  rows = []
+  for l in run.layers:
+    f = run.frames[l]
+    row = {'layer': l,
+           'allocation_entropy': metrics.allocation_entropy(f, run.width),
+           'weight_entropy': metrics.weight_entropy(f),
+           'router_margin': metrics.router_margin(f)}
+    if any(c.startswith('prob_') for c in f.columns):
+      row['h_total'] = metrics.h_total(f)
+    row.update(metrics.load_balance(f, run.width))
+    rows.append(row)
+  table = pd.DataFrame(rows).set_index('layer')
+  return Section(_block('## Per-layer metrics',
+                        table.to_markdown(floatfmt='.4f')), (margin_png,))
+
+
+def domain_entropy_section(ctx: Context) -> Section:
+  """Per-domain selection entropy per layer: table and domain_entropy.png."""
+  run = ctx.run
+  domains = pd.DataFrame({l: metrics.per_domain_entropy(run.frames[l],
+                                                        run.width)
+                          for l in run.layers})                # domain x L
+  ax = domains.plot.bar(figsize=(7, 4))
+  ax.legend(title='layer', bbox_to_anchor=(1.01, 1), loc='upper left')
+  ax.set_xlabel('domain')
+  ax.set_ylabel('selection entropy / ln E\'')
+  ax.set_title(f'Per-domain routing entropy by layer, step {run.final}')
+  png = ctx.save(ax.figure, 'domain_entropy.png')
+  return Section(_block('## Per-domain selection entropy (/ ln E\')',
+                        domains.to_markdown(floatfmt='.4f')), (png,))
+
+
+def layer_similarity_section(ctx: Context) -> Section:
+  """Overlap of layers' selection frequencies, drawn in frequency.png."""
+  run, layers = ctx.run, ctx.run.layers
+  frequency = np.stack([metrics.selection_frequency(run.frames[l], run.width)
+                        for l in layers])                       # [L, E']
+  fig, ax = plt.subplots(figsize=(max(6, run.width * 0.3),
+                                  1 + 0.4 * len(layers)))
+  image = ax.imshow(frequency, aspect='auto', cmap='viridis')
+  ax.set_xlabel('expert (router output id)')
+  ax.set_ylabel('layer')
+  ax.set_yticks(range(len(layers)), labels=layers)
+  ax.set_title(f'Selection frequency, step {run.final}')
+  fig.colorbar(image, ax=ax)
+  png = ctx.save(fig, 'frequency.png')
+  if len(layers) == 1:
+    return Section(_block('## Layer similarity', 'One layer: no layer pairs.'),
+                   (png,))
+  overlap = metrics.layer_overlap(frequency)
+  pairs = pd.DataFrame([
+      {'layers': f'{a}-{b}',
+       'token_jaccard': metrics.token_jaccard(run.frames[a], run.frames[b]),
+       'layer_sel_overlap': metrics.layer_sel_overlap(run.frames[b],
+                                                      run.frames[a])}
+      for a, b in zip(layers, layers[1:])])
+  return Section(_block(
+      '## Layer similarity',
+      'Histogram intersection of selection frequencies '
+      f'(universal score {metrics.universal_score(overlap):.4f}, '
+      f'optimist score {metrics.optimist_score(overlap):.4f}):',
+      pd.DataFrame(overlap, index=layers, columns=layers).to_markdown(
+          floatfmt='.4f'),
+      pairs.to_markdown(index=False, floatfmt='.4f')), (png,))
+
+
+def change_rate_section(ctx: Context) -> Section | None:
+  """Expert change rate between consecutive checkpoints (2+ traced)."""
+  run = ctx.run
+  if len(run.steps) == 1:
+    return None
+  change = pd.DataFrame(
+      {l: [metrics.change_rate(run.read(a, l), run.read(b, l), run.width)
+           for a, b in zip(run.steps, run.steps[1:])] for l in run.layers},
+      index=run.steps[1:])
+  ax = change.plot(marker='o', figsize=(7, 4))
+  ax.set_xlabel('checkpoint step')
+  ax.set_ylabel('expert change rate, %')
+  png = ctx.save(ax.figure, 'change_rate.png')
+  return Section(_block('## Expert change rate between checkpoints (%)',
+                        change.to_markdown(floatfmt='.2f')), (png,))
+
+
+def saturation_section(ctx: Context) -> Section | None:
+  """% of the newest checkpoint's choices already made at each (2+ traced)."""
+  run = ctx.run
+  if len(run.steps) == 1:
+    return None
+  saturation = pd.DataFrame(
+      {l: [metrics.saturation(run.read(c, l), run.frames[l], run.width)
+           for c in run.steps] for l in run.layers}, index=run.steps)
+  return Section(_block(f'## Router saturation against step {run.final} (%)',
+                        saturation.to_markdown(floatfmt='.2f')))
+
+
+def droptop_section(ctx: Context) -> Section | None:
+  """The DropTop table of --mode=droptop, when it was run."""
+  drops = droptop.read_droptop(ctx.run.workdir)
+  if drops is None:
+    return None
+  return Section(_block(
+      f'## DropTop (step {int(drops.step.iloc[0])}, validation set)',
+      drops.drop(columns='step').to_markdown(index=False, floatfmt='.4f')))
+
+
+def expert_similarity_section(ctx: Context) -> Section | None:
+  """The expert ANI / CKA table of --mode=similarity, when it was run."""
+  sims = similarity.read_similarity(ctx.run.workdir)
+  if sims is None:
+    return None
+  return Section(_block(
+      f'## Expert similarity (step {int(sims.step.iloc[0])})',
+      'ANI: mean pairwise cosine of hidden units (W_in, W_out) and '
+      'router expert rows; cka_mean: mean linear CKA between experts\' '
+      'outputs on the layer inputs.',
+      sims.drop(columns='step').set_index('layer').to_markdown(
+          floatfmt='.4f')))
+
+
+# summary.md, in order; the list of figures ends it.
+SECTIONS: list[SectionFn] = [
+    header_section,
+    metrics_section,
+    domain_entropy_section,
+    layer_similarity_section,
+    change_rate_section,
+    saturation_section,
+    droptop_section,
+    expert_similarity_section,
+]
+
+
+def render(ctx: Context, sections: Sequence[SectionFn],
+           footer: Sequence[str] = ()) -> str:
+  """Markdown of the sections that have something to show.
+
+  Args:
+    ctx: what the sections read; their figures go to ctx.out_dir.
+    sections: section functions, in order; those returning None are left out.
+    footer: paragraphs after the list of the sections' figures.
+
+  Returns:
+    The sections' Markdown, then 'Figures: ...' (when any was written) and
+    the footer, one blank line apart.
+  """
+  shown = [s for s in (fn(ctx) for fn in sections) if s is not None]
+  blocks = [s.markdown for s in shown]
+  figures = [name for s in shown for name in s.figures]
+  if figures:
+    blocks.append(f"Figures: {', '.join(figures)}.")
+  return _block(*blocks, *footer) + '\n'
+
+
+def build_report(workdir: str, width: int | None = None,
+                 sections: Sequence[SectionFn] | None = None) -> dict:
+  """Writes the figures and summary.md of `workdir`'s newest traces.
+
+  Args:
+    workdir: the run directory; reads workdir/traces, writes workdir/report.
+    width: the router output width E' (default: inferred from the traces).
+    sections: what summary.md shows, in order (default: SECTIONS).
+
+  Returns:
+    {'path': the report directory, 'layers', 'steps': those traced}.
+  """
+  run = load_run(workdir, width)
+  out_dir = os.path.join(workdir, 'report')
+  os.makedirs(out_dir, exist_ok=True)
+  ctx = Context(runs=[run], out_dir=out_dir)
+  text = render(ctx, SECTIONS if sections is None else sections)
+  with open(os.path.join(out_dir, 'summary.md'), 'w', encoding='utf-8') as f:
+    f.write(text)
+  return {'path': out_dir, 'layers': run.layers, 'steps': run.steps}
+
+
+def comparison_table_section(ctx: Context) -> Section:
+  """Layer-mean metrics, one row per run; compare_frequency.png per run."""
+  fig, axes = plt.subplots(len(ctx.runs), 1, squeeze=False,
+                           figsize=(8, 1.6 * len(ctx.runs) + 1))
+  for ax, run in zip(axes[:, 0], ctx.runs):
+    freq = np.stack([metrics.selection_frequency(run.frames[l], run.width)
+                     for l in run.layers])
     image = ax.imshow(freq, aspect='auto', cmap='viridis')
-    ax.set_title(f"{run['label']} (step {run['step']})", fontsize=9)
+    ax.set_title(f'{run.label} (step {run.final})', fontsize=9)
     ax.set_ylabel('layer')
-    ax.set_yticks(range(len(frames)), labels=sorted(frames))
+    ax.set_yticks(range(len(run.layers)), labels=run.layers)
     fig.colorbar(image, ax=ax)
   axes[-1, 0].set_xlabel('expert (router output id)')
   fig.suptitle('Selection frequency per layer')
-  fig.tight_layout()
-  fig.savefig(os.path.join(out_dir, 'compare_frequency.png'))
-  plt.close(fig)
-
-  domains = pd.DataFrame({
-      run['label']: pd.concat(
-          [metrics.per_domain_entropy(f, run['width'])
-           for f in run['frames'].values()], axis=1).mean(axis=1)
-      for run in runs})
-  ax = domains.plot.bar(figsize=(7, 4), rot=0)
-  ax.legend(title='router', bbox_to_anchor=(1.01, 1), loc='upper left')
-  ax.set_xlabel('domain')
-  ax.set_ylabel("selection entropy / ln E' (mean over layers)")
-  ax.set_title('Per-domain routing entropy by router')
-  ax.figure.tight_layout()
-  ax.figure.savefig(os.path.join(out_dir, 'compare_domain_entropy.png'))
-  plt.close(ax.figure)
+  png = ctx.save(fig, 'compare_frequency.png')
 
   rows = []
-  for run in runs:
-    frames, width = run['frames'], run['width']
-    row = {'run': run['label'], 'step': run['step'], "E'": width,
+  for run in ctx.runs:
+    frames, width = run.frames.values(), run.width
+    row = {'run': run.label, 'step': run.final, "E'": width,
            'allocation_entropy': np.mean([metrics.allocation_entropy(f, width)
-                                          for f in frames.values()]),
+                                          for f in frames]),
            'weight_entropy': np.mean([metrics.weight_entropy(f)
-                                      for f in frames.values()]),
+                                      for f in frames]),
            'router_margin': np.mean([metrics.router_margin(f)
-                                     for f in frames.values()]),
+                                     for f in frames]),
            'load_cv': np.mean([metrics.load_balance(f, width)['load_cv']
-                               for f in frames.values()])}
-    drops = droptop.read_droptop(run['workdir'])
+                               for f in frames])}
+    drops = droptop.read_droptop(run.workdir)
     if drops is not None:
       by_name = drops.set_index('name')
       row['valid_loss'] = by_name.loss['intact']
@@ -274,19 +407,63 @@ def compare_runs(workdirs: list[str], out_dir: str) -> dict:
         if name in by_name.index:
           row[f'{name} Δloss'] = by_name.delta_loss[name]
     rows.append(row)
-  table = pd.DataFrame(rows)
-  lines = ['# Routing comparison', '',
-           'Layer means of the newest traced checkpoint of each run; '
-           'per-domain entropy is the mean over layers.', '',
-           table.to_markdown(index=False, floatfmt='.4f'), '',
-           '## Per-domain selection entropy (/ ln E\')', '',
-           domains.to_markdown(floatfmt='.4f'), '',
-           'Figures: compare_frequency.png, compare_domain_entropy.png.', '',
-           'Runs: ' + ', '.join(f"{r['label']} = {r['workdir']}"
-                                for r in runs), '']
+  return Section(_block(
+      '# Routing comparison',
+      'Layer means of the newest traced checkpoint of each run; '
+      'per-domain entropy is the mean over layers.',
+      pd.DataFrame(rows).to_markdown(index=False, floatfmt='.4f')), (png,))
+
+
+def comparison_domain_entropy_section(ctx: Context) -> Section:
+  """Per-domain entropy (mean over layers) per run; its bar chart."""
+  domains = pd.DataFrame({
+      run.label: pd.concat(
+          [metrics.per_domain_entropy(f, run.width)
+           for f in run.frames.values()], axis=1).mean(axis=1)
+      for run in ctx.runs})
+  ax = domains.plot.bar(figsize=(7, 4), rot=0)
+  ax.legend(title='router', bbox_to_anchor=(1.01, 1), loc='upper left')
+  ax.set_xlabel('domain')
+  ax.set_ylabel("selection entropy / ln E' (mean over layers)")
+  ax.set_title('Per-domain routing entropy by router')
+  png = ctx.save(ax.figure, 'compare_domain_entropy.png')
+  return Section(_block('## Per-domain selection entropy (/ ln E\')',
+                        domains.to_markdown(floatfmt='.4f')), (png,))
+
+
+# compare.md, in order; the figures and the runs' directories end it.
+COMPARE_SECTIONS: list[SectionFn] = [
+    comparison_table_section,
+    comparison_domain_entropy_section,
+]
+
+
+def compare_runs(workdirs: list[str], out_dir: str,
+                 sections: Sequence[SectionFn] | None = None) -> dict:
+  """Side-by-side figures and tables of several runs' newest traces.
+
+  Args:
+    workdirs: 2+ run directories, each with traces/ (width inferred).
+    out_dir: where compare.md and the sections' figures go.
+    sections: what compare.md shows, in order (default: COMPARE_SECTIONS:
+      compare_frequency.png, a frequency heatmap per run, and
+      compare_domain_entropy.png, per-domain entropy per run).
+
+  Returns:
+    {'path': out_dir, 'runs': the runs' labels}.
+  """
+  if len(workdirs) < 2:
+    raise ValueError(f'compare_runs: needs at least 2 workdirs, got '
+                     f'{len(workdirs)}')
+  ctx = Context(runs=[load_run(w) for w in workdirs], out_dir=out_dir)
+  os.makedirs(out_dir, exist_ok=True)
+  runs_line = 'Runs: ' + ', '.join(f'{r.label} = {r.workdir}'
+                                   for r in ctx.runs)
+  text = render(ctx, COMPARE_SECTIONS if sections is None else sections,
+                footer=[runs_line])
   with open(os.path.join(out_dir, 'compare.md'), 'w', encoding='utf-8') as f:
-    f.write('\n'.join(lines))
-  return {'path': out_dir, 'runs': [r['label'] for r in runs]}
+    f.write(text)
+  return {'path': out_dir, 'runs': [r.label for r in ctx.runs]}
 
 
 def main(argv=None) -> None:

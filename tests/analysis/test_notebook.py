@@ -6,6 +6,7 @@ import pathlib
 import nbclient
 import nbformat
 import numpy as np
+import pytest
 
 from moe_jax import trace as trace_lib
 
@@ -26,22 +27,34 @@ def _batches(rng, num_batches=2, width=6, k=2):
     yield tokens, np.array([i, i + 1]), layers
 
 
-def test_notebook_executes_on_traces_made_in_the_test(tmp_path):
-  rng = np.random.default_rng(0)
-  for step in (10, 20):
-    trace_lib.write_trace(str(tmp_path / 'traces'), step, _batches(rng))
-  notebook = nbformat.read(NOTEBOOK, as_version=4)
+def _execute(notebook, workdir, cwd):
+  """Runs `notebook` in a kernel started in `cwd`, MOE_JAX_WORKDIR=workdir."""
   env_before = dict(os.environ)
-  os.environ['MOE_JAX_WORKDIR'] = str(tmp_path)
+  os.environ['MOE_JAX_WORKDIR'] = str(workdir)
   os.environ['PYTHONPATH'] = os.pathsep.join(
       [str(REPO), os.environ.get('PYTHONPATH', '')])
   try:
     nbclient.NotebookClient(notebook, timeout=300, kernel_name='python3',
-                            resources={'metadata': {'path': str(tmp_path)}}
+                            resources={'metadata': {'path': str(cwd)}}
                             ).execute()
   finally:
     os.environ.clear()
     os.environ.update(env_before)
+
+
+# 'relative' is the README's `MOE_JAX_WORKDIR=runs/... jupyter lab`: the
+# kernel runs in notebooks/ and the path is relative to the repository root
+# (here with '..' up to tmp_path, to write nothing into the tree).
+@pytest.mark.parametrize('workdir_kind', ['absolute', 'relative'])
+def test_notebook_executes_on_traces_made_in_the_test(tmp_path, workdir_kind):
+  rng = np.random.default_rng(0)
+  for step in (10, 20):
+    trace_lib.write_trace(str(tmp_path / 'traces'), step, _batches(rng))
+  notebook = nbformat.read(NOTEBOOK, as_version=4)
+  if workdir_kind == 'relative':
+    _execute(notebook, os.path.relpath(tmp_path, REPO), NOTEBOOK.parent)
+  else:
+    _execute(notebook, tmp_path, tmp_path)
   outputs = [o for cell in notebook.cells if cell.cell_type == 'code'
              for o in cell.outputs]
   text = ''.join(o.get('text', '') for o in outputs)
@@ -51,3 +64,13 @@ def test_notebook_executes_on_traces_made_in_the_test(tmp_path):
   # Frequency, domain entropy, margin, change rate, co-activation.
   assert len(figures) == 5
   assert 'no droptop.json' in text
+
+
+def test_notebook_names_the_missing_workdir(tmp_path):
+  notebook = nbformat.read(NOTEBOOK, as_version=4)
+  with pytest.raises(nbclient.exceptions.CellExecutionError) as error:
+    _execute(notebook, os.path.relpath(tmp_path / 'missing', REPO),
+             NOTEBOOK.parent)
+  # The path tried: the repository root joined with the relative workdir.
+  tried = REPO / os.path.relpath(tmp_path / 'missing', REPO)
+  assert f'MOE_JAX_WORKDIR: {tried} does not exist' in str(error.value)

@@ -99,3 +99,46 @@ def test_comparison_of_two_runs(tmp_path):
   expected = (-(.75 * np.log(.75) + .25 * np.log(.25)) + np.log(2)
               - (.6 * np.log(.6) + .4 * np.log(.4))) / 4
   assert table['smoe'][5] == f'{expected:.4f}'
+
+
+def _droptop_json(path):
+  path.write_text(json.dumps([
+      {'drop': 0, 'name': 'intact', 'loss': 2.0, 'ppl': 7.389,
+       'accuracy': 0.5, 'delta_loss': 0.0, 'delta_accuracy': 0.0,
+       'step': 10}]))
+
+
+def test_summary_is_built_from_the_section_list(tmp_path):
+  trace_lib.write_trace(str(tmp_path / 'traces'), 10, [_batch(1)])
+  ctx = report.Context(runs=[report.load_run(str(tmp_path), width=4)],
+                       out_dir=str(tmp_path / 'report'))
+  summary = tmp_path / 'report' / 'summary.md'
+
+  # No droptop.json: its section has nothing to show and is left out.
+  report.build_report(str(tmp_path), width=4)
+  assert report.droptop_section(ctx) is None
+  assert '## DropTop' not in summary.read_text()
+  # One checkpoint: no change rate, and no change_rate.png listed.
+  assert report.change_rate_section(ctx) is None
+  assert 'change_rate.png' not in summary.read_text()
+
+  # With it, the section's text is in summary.md, in the list's order.
+  _droptop_json(tmp_path / 'droptop.json')
+  report.build_report(str(tmp_path), width=4)
+  text = summary.read_text()
+  shown = [s for s in (fn(ctx) for fn in report.SECTIONS) if s is not None]
+  assert report.droptop_section in report.SECTIONS
+  assert '## DropTop (step 10' in shown[-1].markdown
+  offsets = [text.index(s.markdown) for s in shown]
+  assert offsets == sorted(offsets) and offsets[0] == 0
+  figures = [name for s in shown for name in s.figures]
+  assert text.endswith(f"Figures: {', '.join(figures)}.\n")
+  for name in figures:
+    assert (tmp_path / 'report' / name).stat().st_size > 0, name
+
+  # Another list makes another summary: only its sections are shown.
+  report.build_report(str(tmp_path), width=4,
+                      sections=[report.header_section, report.droptop_section])
+  text = summary.read_text()
+  assert text.startswith('# Routing report') and '## DropTop' in text
+  assert '## Per-layer metrics' not in text and 'Figures' not in text
