@@ -63,26 +63,6 @@ def abstract_variables(config: ConfigDict, model, device) -> dict:
               place, dict(variables.get('router_state', {})))}
 
 
-def tree_differences(saved: Any, expected: Any) -> list[str]:
-  """Paths whose presence, shape or dtype differ: saved metadata vs abstract
-  arrays (anything with .shape and .dtype), as readable lines."""
-  flat_saved = {jax.tree_util.keystr(p): v for p, v in
-                jax.tree_util.tree_flatten_with_path(saved)[0]}
-  flat_expected = {jax.tree_util.keystr(p): v for p, v in
-                   jax.tree_util.tree_flatten_with_path(expected)[0]}
-  out = []
-  for path in sorted(set(flat_saved) | set(flat_expected)):
-    a, b = flat_saved.get(path), flat_expected.get(path)
-    if a is None:
-      out.append(f'{path} missing in the checkpoint')
-    elif b is None:
-      out.append(f'{path} in the checkpoint but not in the model')
-    elif tuple(a.shape) != tuple(b.shape) or str(a.dtype) != str(b.dtype):
-      out.append(f'{path}: saved {tuple(a.shape)} {a.dtype}, model '
-                 f'{tuple(b.shape)} {b.dtype}')
-  return out
-
-
 def mismatch_error(config: ConfigDict, workdir: str, step: int,
                    differences: list[str], what: str) -> ConfigMismatch:
   """A ConfigMismatch naming the config fields that changed and the tree paths
@@ -131,11 +111,15 @@ def restore_run(config: ConfigDict, workdir: str, step: int | None = None, *,
     if step not in steps:
       raise ValueError(f'step={step}: no such checkpoint; have {steps}')
     state_dir = os.path.join(checkpoints.directory, str(step), 'state')
+    # The checksums written at save time; a damaged file is an error here
+    # (training sets such a checkpoint aside and falls back; analysis
+    # should not silently read an older one).
+    checkpoints.verify(step)
   finally:
     checkpoints.close()
   reader = ocp.PyTreeCheckpointer()
   saved = reader.metadata(state_dir).item_metadata.tree
-  differences = tree_differences(
+  differences = checkpoint_lib.tree_differences(
       {k: saved.get(k) or {} for k in ('params', 'router_state')}, expected)
   if differences:
     raise mismatch_error(config, workdir, step, differences, what)

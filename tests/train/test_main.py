@@ -95,6 +95,12 @@ def test_tiny_run_trains_and_writes_its_workdir(reference):
   assert list(valid['step']) == [20, 40]
   assert valid['loss'].iloc[-1] < valid['loss'].iloc[0]
   assert f'step {STEPS}/{STEPS}' in proc.stderr and 'tok/s' in proc.stderr
+  # The log says what takes time, and not what does not concern the user.
+  for said in ('training a SentencePiece', 'building the token cache',
+               'compiling the train step', 'first step (compilation '
+               'included) took', 'checkpoint 10: save started'):
+    assert said in proc.stderr, said
+  assert "Unable to initialize backend 'tpu'" not in proc.stderr
   # train.trace_every=20: the validation set traced at steps 20 and 40.
   traced = trace_lib.read_trace(str(workdir / 'traces'), layer=1)
   assert sorted({int(str(s)) for s in traced['step']}) == [20, 40]
@@ -169,6 +175,85 @@ def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(
   assert 'at step 2: training stopped' in proc.stderr
   assert 'last good checkpoint is step 1' in proc.stderr
   assert sorted(os.listdir(workdir / 'checkpoints')) == ['1']
+
+
+def test_divergence_before_any_checkpoint_flushes_the_good_steps(
+    runner, reference):
+  _, _, shared = reference
+  workdir = runner.root / 'diverged_early'
+  # Nothing logged or saved before the NaN at step 2 (intervals of 1000).
+  proc = runner(workdir, *shared, '--config.train.learning_rate=1e30',
+                '--config.train.warmup_steps=3',
+                '--config.train.log_every=1000',
+                '--config.train.checkpoint_every=1000', expect_rc=3)
+  assert 'No checkpoint had been saved yet' in proc.stderr
+  assert 'step None' not in proc.stderr
+  # Step 1 was good: its record is written before the stop.
+  steps, values = losses(workdir)
+  assert list(steps) == [1] and np.isfinite(values).all()
+
+
+def test_second_start_of_a_finished_run_says_so(runner, reference):
+  ref_dir, _, shared = reference
+  workdir = runner.root / 'finished'
+  shutil.copytree(ref_dir, workdir, ignore=shutil.ignore_patterns('cache'))
+  before = (workdir / 'metrics.jsonl').read_text()
+  proc = runner(workdir, *shared)
+  assert f'nothing to train: {workdir} already holds step {STEPS}' in (
+      proc.stderr)
+  assert 'None' not in proc.stderr
+  assert (workdir / 'metrics.jsonl').read_text() == before
+
+
+def test_torn_metrics_line_does_not_stop_a_resume(runner, reference):
+  ref_dir, _, shared = reference
+  workdir = runner.root / 'torn'
+  shutil.copytree(ref_dir, workdir, ignore=shutil.ignore_patterns('cache'))
+  # What a kill in the middle of a record's write leaves.
+  with open(workdir / 'metrics.jsonl', 'a', encoding='utf-8') as f:
+    f.write('{"step": 41, "split": "train", "attempt": 0, "loss": 2.3')
+  steps, _ = losses(workdir)   # readers skip the torn line
+  assert steps.max() == STEPS
+  proc = runner(workdir, *shared, f'--config.train.steps={STEPS + 2}')
+  assert 'torn final line' in proc.stderr
+  # The file is whole lines again, and the new steps are in it.
+  lines = (workdir / 'metrics.jsonl').read_text().splitlines()
+  assert all(line.startswith('{') and line.endswith('}') for line in lines)
+  assert losses(workdir)[0].max() == STEPS + 2
+
+
+def test_every_checkpointed_step_has_its_record_after_a_kill(runner,
+                                                             reference):
+  # log_every does not divide checkpoint_every: the steps a checkpoint covers
+  # are never re-run after a kill, so their records must already be on disk.
+  ref_dir, _, shared = reference
+  workdir = runner.root / 'killed_records'
+  args = command(workdir, *shared, '--config.train.log_every=1000')
+  proc = subprocess.Popen(args, cwd=REPO, env=runner.env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  while not (workdir / 'checkpoints' / '10').is_dir():
+    assert proc.poll() is None, 'the run ended before its first checkpoint'
+    assert time.time() < deadline
+    time.sleep(0.005)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  # Written before checkpoint 10 was started, whatever the log interval.
+  assert set(range(1, 11)) <= set(losses(workdir)[0])
+  runner(workdir, *shared, '--config.train.log_every=1000')
+  steps, values = losses(workdir)
+  np.testing.assert_array_equal(steps, np.arange(1, STEPS + 1))
+  np.testing.assert_array_equal(values, losses(ref_dir)[1])
+
+
+def test_unknown_loss_name_lists_the_known_ones(runner):
+  proc = subprocess.run(
+      command(runner.root / 'typo', '--config.loss.coefficients.balanc=0.1'),
+      cwd=REPO, env=runner.env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0
+  assert ("config.loss.coefficients has no field 'balanc'; known names: "
+          "['balance']") in proc.stderr
+  assert 'Traceback' not in proc.stderr
 
 
 def test_eight_cpu_devices_train_like_one(runner, reference):
