@@ -55,6 +55,7 @@ from moe_jax.state import TrainState
 
 ConfigDict = ml_collections.ConfigDict
 
+
 class TrainingDiverged(RuntimeError):
   """The loss or gradient norm became NaN or infinite."""
 
