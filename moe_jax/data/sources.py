@@ -205,6 +205,15 @@ def _not_utf8(path: str, error: UnicodeDecodeError) -> ValueError:
 # File sources.
 
 
+def _utf8_documents(paths, file_documents) -> Iterator[Document]:
+  """file_documents(path) over every path; undecodable text names its file."""
+  for path in paths:
+    try:
+      yield from file_documents(path)
+    except UnicodeDecodeError as e:
+      raise _not_utf8(path, e) from e
+
+
 class TextSource(Source):
   """Plain text files.
 
@@ -229,11 +238,7 @@ class TextSource(Source):
     self.doc_mode = doc_mode
 
   def documents(self) -> Iterator[Document]:
-    for path in self.paths:
-      try:
-        yield from self._file_documents(path)
-      except UnicodeDecodeError as e:
-        raise _not_utf8(path, e) from e
+    return _utf8_documents(self.paths, self._file_documents)
 
   def _file_documents(self, path: str) -> Iterator[Document]:
     with _open_text(path) as f:
@@ -277,11 +282,7 @@ class JsonlSource(Source):
     self.text_field = text_field
 
   def documents(self) -> Iterator[Document]:
-    for path in self.paths:
-      try:
-        yield from self._file_documents(path)
-      except UnicodeDecodeError as e:
-        raise _not_utf8(path, e) from e
+    return _utf8_documents(self.paths, self._file_documents)
 
   def _file_documents(self, path: str) -> Iterator[Document]:
     with _open_text(path) as f:
