@@ -1,12 +1,15 @@
-"""Decoder-only language model of LibMoE's LM stack (algorithms.md §6.1).
+"""Decoder-only language model: LibMoE's LM stack and the Hugging Face
+families (the `decoder` family of moe_jax/models, `from_config`).
 
-The `decoder` family of moe_jax/models (`from_config`).
-
-  tokens [B, S] -> embed -> L x [x += Attn(LN1 x); x += FFN(LN2 x)] -> LN -> logits
-FFN is an MoEBlock in every layer (or the dense baseline). Attention is causal
-multi-head with partial rotary embeddings (rotate-half layout, base 10000, a
-fraction of each head's dims rotated), fused K/V projection, no biases.
-Embeddings are untied; the output layer has a bias. Init (§2.1): embedding
+  tokens [B, S] -> embed -> L x [x += Attn(N1 x); x += FFN(N2 x)] -> N -> logits
+FFN is an MoEBlock in every layer (or a dense FFN). The defaults are
+LibMoE's LM stack (algorithms.md §6.1): LayerNorm, causal multi-head
+attention with partial rotary embeddings (rotate-half layout, base 10000,
+half of each head's dims rotated), fused K/V projection, no biases, untied
+embeddings, an output bias. The options cover Llama / Mistral, Qwen2/3,
+Phi-3 and their MoE versions: RMSNorm, GQA / MQA, RoPE scaling
+(models/rope.py), q/k/v(/o) biases, q/k RMSNorm, separate K/V projections,
+tied embeddings. Init (§2.1): embedding
 N(0, 1/d); Linear layers truncated normal with std sqrt(2 / (L fan_in));
 LayerNorm 1 / 0; the MoE tensors as given by the block's std fields.
 
@@ -26,27 +29,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from moe_jax.models import rope
 from moe_jax.moe import layer as layer_lib
-
-
-def rotary_dims(head_dim: int, fraction: float) -> int:
-  """Rotated dims per head: the even number <= fraction * head_dim (82 -> 40)."""
-  return 2 * int(head_dim * fraction // 2)
-
-
-def apply_partial_rope(x, positions, rotate: int, base: float = 10000.0):
-  """Rotate-half RoPE on the first `rotate` dims: x [B, S, H, Dh] -> same."""
-  if rotate == 0:
-    return x
-  half = rotate // 2
-  inv_freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)   # [half]
-  angle = positions[..., None].astype(jnp.float32) * inv_freq        # [B, S, half]
-  cos = jnp.cos(angle)[:, :, None, :]
-  sin = jnp.sin(angle)[:, :, None, :]
-  x_rot, x_pass = x[..., :rotate].astype(jnp.float32), x[..., rotate:]
-  x1, x2 = x_rot[..., :half], x_rot[..., half:]
-  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
-  return jnp.concatenate([rotated.astype(x.dtype), x_pass], axis=-1)
+from moe_jax.validation import require
 
 
 def scaled_truncated_normal(num_layers: int):
@@ -59,13 +44,27 @@ def scaled_truncated_normal(num_layers: int):
   return init
 
 
-def layer_norm(name: str) -> nn.LayerNorm:
-  """float32 LayerNorm with logically named ('embed') scale and bias."""
+NORMS = ('layernorm', 'rmsnorm')
+ATTENTION_BIASES = ('none', 'qkv', 'all')
+QK_NORMS = ('none', 'per_head', 'full')
+KV_PROJECTIONS = ('fused', 'separate')
+
+
+def norm_layer(kind: str, eps: float, name: str, axis_name: str = 'embed'):
+  """float32 LayerNorm (scale, bias) or RMSNorm (scale), logically named."""
+  scale = nn.with_logical_partitioning(nn.initializers.ones, (axis_name,))
+  if kind == 'rmsnorm':
+    return nn.RMSNorm(epsilon=eps, dtype=jnp.float32, name=name,
+                      scale_init=scale)
   return nn.LayerNorm(
-      dtype=jnp.float32, name=name,
-      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ('embed',)),
+      epsilon=eps, dtype=jnp.float32, name=name, scale_init=scale,
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros,
-                                             ('embed',)))
+                                             (axis_name,)))
+
+
+def layer_norm(name: str) -> nn.LayerNorm:
+  """LibMoE's float32 LayerNorm (eps 1e-6) with 'embed'-named params."""
+  return norm_layer('layernorm', 1e-6, name)
 
 
 def constrain(x, names):
@@ -74,32 +73,65 @@ def constrain(x, names):
 
 
 class Attention(nn.Module):
-  """Causal MHA with partial RoPE: x [B, S, D] -> [B, S, D]."""
+  """Causal attention with (partial) RoPE: x [B, S, D] -> [B, S, D].
+
+  MHA, GQA or MQA (num_kv_heads); K and V from one fused projection
+  ('key_value', LibMoE) or two ('key', 'value', Hugging Face); optional
+  q/k/v(/o) biases and q/k RMSNorm per head (Qwen3) or over the whole
+  projection (OLMoE), applied before RoPE.
+  """
 
   num_heads: int
   head_dim: int
   num_layers: int
-  rotate_fraction: float = 0.5
-  rope_base: float = 10000.0
+  num_kv_heads: int | None = None
+  rope_fraction: float = 0.5
+  rope_theta: float = 10000.0
+  rope_scaling: Mapping[str, Any] | None = None
+  bias: str = 'none'
+  qk_norm: str = 'none'
+  norm_eps: float = 1e-6
+  kv_projection: str = 'fused'
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, positions):
+  def __call__(self, x, positions, mask=None):
+    """x [B, S, D], positions [B, S], mask [B, 1, S, S] bool or None."""
     b, s, d = x.shape
     h, dh = self.num_heads, self.head_dim
+    kv = self.num_kv_heads or h
     init = scaled_truncated_normal(self.num_layers)
-    dense = lambda width, names, name: nn.Dense(
-        width, use_bias=False, dtype=self.dtype, name=name,
-        kernel_init=nn.with_logical_partitioning(init, names))
-    q = dense(h * dh, ('embed', 'heads'), 'query')(x).reshape(b, s, h, dh)
-    kv = dense(2 * h * dh, ('embed', 'heads'), 'key_value')(x)
-    k, v = jnp.split(kv.reshape(b, s, 2, h, dh), 2, axis=2)
-    k, v = k[:, :, 0], v[:, :, 0]
-    rotate = rotary_dims(dh, self.rotate_fraction)
-    q = apply_partial_rope(q, positions, rotate, self.rope_base)
-    k = apply_partial_rope(k, positions, rotate, self.rope_base)
-    out = jax.nn.dot_product_attention(q, k, v, is_causal=True)  # [B, S, H, Dh]
-    return dense(d, ('heads', 'embed'), 'out')(out.reshape(b, s, h * dh))
+    dense = lambda width, names, name, bias: nn.Dense(
+        width, use_bias=bias, dtype=self.dtype, name=name,
+        kernel_init=nn.with_logical_partitioning(init, names),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros,
+                                               names[1:]))
+    qkv_bias = self.bias != 'none'
+    q = dense(h * dh, ('embed', 'heads'), 'query', qkv_bias)(x)
+    if self.kv_projection == 'fused':
+      both = dense(2 * kv * dh, ('embed', 'heads'), 'key_value', qkv_bias)(x)
+      k, v = jnp.split(both, 2, axis=-1)
+    else:
+      k = dense(kv * dh, ('embed', 'heads'), 'key', qkv_bias)(x)
+      v = dense(kv * dh, ('embed', 'heads'), 'value', qkv_bias)(x)
+    if self.qk_norm == 'full':
+      q = norm_layer('rmsnorm', self.norm_eps, 'q_norm', 'heads')(q)
+      k = norm_layer('rmsnorm', self.norm_eps, 'k_norm', 'heads')(k)
+    q, k, v = (q.reshape(b, s, h, dh), k.reshape(b, s, kv, dh),
+               v.reshape(b, s, kv, dh))
+    if self.qk_norm == 'per_head':
+      q = norm_layer('rmsnorm', self.norm_eps, 'q_norm', None)(q)
+      k = norm_layer('rmsnorm', self.norm_eps, 'k_norm', None)(k)
+    q, k = q.astype(self.dtype), k.astype(self.dtype)
+    rotate = rope.rotary_dims(dh, self.rope_fraction)
+    inv_freq, scale = rope.inverse_frequencies(rotate, self.rope_theta,
+                                               self.rope_scaling)
+    q = rope.apply_rope(q, positions, rotate, inv_freq, scale)
+    k = rope.apply_rope(k, positions, rotate, inv_freq, scale)
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask,
+                                       is_causal=True)      # [B, S, H, Dh]
+    return dense(d, ('heads', 'embed'), 'out', self.bias == 'all')(
+        out.reshape(b, s, h * dh))
 
 
 class DecoderLayer(nn.Module):
@@ -108,14 +140,18 @@ class DecoderLayer(nn.Module):
   num_layers: int
   ffn: Mapping[str, Any]
   dense_ffn: bool
+  attention: Mapping[str, Any]
+  norm: str = 'layernorm'
+  norm_eps: float = 1e-6
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, positions, *, train, step, prev_logits):
-    ln = lambda name: layer_norm(name)
+  def __call__(self, x, positions, mask, *, train, step, prev_logits):
+    ln = lambda name: norm_layer(self.norm, self.norm_eps, name)
     x = x + Attention(self.num_heads, self.head_dim, self.num_layers,
-                      dtype=self.dtype, name='attention')(ln('ln1')(x),
-                                                          positions)
+                      **self.attention, norm_eps=self.norm_eps,
+                      dtype=self.dtype, name='attention')(
+                          ln('ln1')(x), positions, mask)
     if self.dense_ffn:
       y, aux = layer_lib.DenseFFNBlock(**self.ffn, dtype=self.dtype,
                                        name='ffn')(ln('ln2')(x))
@@ -126,7 +162,11 @@ class DecoderLayer(nn.Module):
 
 
 class TransformerLM(nn.Module):
-  """tokens [B, S] int32 -> (logits [B, S, V] float32, per-layer aux list)."""
+  """tokens [B, S] int32 -> (logits [B, S, V] float32, per-layer aux list).
+
+  The defaults are LibMoE's LM stack; the other options are what the
+  Hugging Face families need (moe_jax/convert sets them on import).
+  """
 
   vocab_size: int
   d_model: int
@@ -136,10 +176,50 @@ class TransformerLM(nn.Module):
   # MoEBlock (or DenseFFNBlock, with dense_ffn=True) keyword arguments.
   ffn: Mapping[str, Any]
   dense_ffn: bool = False
+  # K/V heads: None = num_heads (MHA); fewer for GQA, 1 for MQA.
+  num_kv_heads: int | None = None
+  # Fraction of each head's dims that RoPE rotates (LibMoE 0.5, HF 1.0).
+  rope_fraction: float = 0.5
+  # RoPE base θ.
+  rope_theta: float = 10000.0
+  # None or a Hugging Face rope_scaling dict (models/rope.py SCHEMES).
+  rope_scaling: Mapping[str, Any] | None = None
+  # 'layernorm' (LibMoE) | 'rmsnorm' (Llama family).
+  norm: str = 'layernorm'
+  # Epsilon of every norm.
+  norm_eps: float = 1e-6
+  # Attention biases: 'none' | 'qkv' (Qwen2) | 'all' (q/k/v and output).
+  attention_bias: str = 'none'
+  # q/k RMSNorm: 'none' | 'per_head' (Qwen3) | 'full' (OLMoE).
+  qk_norm: str = 'none'
+  # K/V as one 'fused' projection (LibMoE) or 'separate' ones (HF).
+  kv_projection: str = 'fused'
+  # Output layer = the embedding transposed (no separate weights).
+  tie_embeddings: bool = False
+  # A bias on the output layer (LibMoE has one).
+  output_bias: bool = True
   dtype: Any = jnp.float32
 
+  def _validate(self):
+    for name, allowed in (('norm', NORMS), ('attention_bias',
+                                            ATTENTION_BIASES),
+                          ('qk_norm', QK_NORMS),
+                          ('kv_projection', KV_PROJECTIONS)):
+      require(getattr(self, name) in allowed, name, f'one of {allowed}',
+              getattr(self, name))
+    kv = self.num_kv_heads or self.num_heads
+    require(self.num_heads % kv == 0, 'num_kv_heads',
+            f'a divisor of num_heads={self.num_heads}', self.num_kv_heads)
+
   @nn.compact
-  def __call__(self, tokens, *, train: bool = False, step=0):
+  def __call__(self, tokens, *, train: bool = False, step=0,
+               attention_mask=None):
+    """tokens [B, S]; attention_mask [B, S] (1 = token, 0 = padding) or None.
+
+    Positions count from 0 at the first column whatever the padding (as
+    Hugging Face does without position_ids), so pad on the right.
+    """
+    self._validate()
     b, s = tokens.shape
     embed = self.param(
         'embedding', nn.with_logical_partitioning(
@@ -148,23 +228,37 @@ class TransformerLM(nn.Module):
     x = jnp.take(embed, tokens, axis=0).astype(self.dtype)      # [B, S, D]
     x = constrain(x, ('batch', 'seq', 'embed'))
     positions = jnp.broadcast_to(jnp.arange(s), (b, s))
+    mask = None
+    if attention_mask is not None:
+      mask = attention_mask.astype(bool)[:, None, None, :]      # [B,1,1,S]
+    attention = dict(num_kv_heads=self.num_kv_heads,
+                     rope_fraction=self.rope_fraction,
+                     rope_theta=self.rope_theta,
+                     rope_scaling=self.rope_scaling, bias=self.attention_bias,
+                     qk_norm=self.qk_norm, kv_projection=self.kv_projection)
     auxes, prev_logits = [], None
     for i in range(self.num_layers):
       x, aux = DecoderLayer(self.num_heads, self.head_dim, self.num_layers,
-                            self.ffn, self.dense_ffn, self.dtype,
-                            name=f'layer_{i}')(x, positions, train=train,
-                                               step=step,
+                            self.ffn, self.dense_ffn, attention, self.norm,
+                            self.norm_eps, self.dtype,
+                            name=f'layer_{i}')(x, positions, mask,
+                                               train=train, step=step,
                                                prev_logits=prev_logits)
       x = constrain(x, ('batch', 'seq', 'embed'))
       prev_logits = aux.get('router_logits')
       auxes.append(aux)
-    x = layer_norm('ln_final')(x)
-    logits = nn.Dense(self.vocab_size, dtype=jnp.float32, name='output',
-                      kernel_init=nn.with_logical_partitioning(
-                          scaled_truncated_normal(self.num_layers),
-                          ('embed', 'vocab')),
-                      bias_init=nn.with_logical_partitioning(
-                          nn.initializers.zeros, ('vocab',)))(x)
+    x = norm_layer(self.norm, self.norm_eps, 'ln_final')(x)
+    if self.tie_embeddings:
+      logits = jnp.einsum('bsd,vd->bsv', x.astype(jnp.float32),
+                          embed.astype(jnp.float32))
+    else:
+      logits = nn.Dense(self.vocab_size, use_bias=self.output_bias,
+                        dtype=jnp.float32, name='output',
+                        kernel_init=nn.with_logical_partitioning(
+                            scaled_truncated_normal(self.num_layers),
+                            ('embed', 'vocab')),
+                        bias_init=nn.with_logical_partitioning(
+                            nn.initializers.zeros, ('vocab',)))(x)
     return constrain(logits, ('batch', 'seq', 'vocab')), auxes
 
 

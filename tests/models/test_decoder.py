@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moe_jax.models import decoder as model_lib
+from moe_jax.models import rope
 
 
 def _naive_rope(x, rotate, base=10000.0):
@@ -25,9 +26,9 @@ def _naive_rope(x, rotate, base=10000.0):
 
 def test_partial_rope_matches_naive_rotation():
   x = np.random.default_rng(0).normal(size=(2, 5, 3, 10)).astype(np.float32)
-  rotate = model_lib.rotary_dims(10, 0.5)
+  rotate = rope.rotary_dims(10, 0.5)
   assert rotate == 4   # 0.5 * 10 = 5 -> the even number below: 4
-  got = model_lib.apply_partial_rope(jnp.asarray(x),
+  got = rope.apply_partial_rope(jnp.asarray(x),
                                      jnp.broadcast_to(jnp.arange(5), (2, 5)),
                                      rotate)
   np.testing.assert_allclose(np.asarray(got), _naive_rope(x, rotate),
@@ -36,8 +37,8 @@ def test_partial_rope_matches_naive_rotation():
 
 def test_rotary_dims_reference_sizes():
   # algorithms.md §6.1: 82 -> 40 rotated dims (154M), 128 -> 64 (660M).
-  assert model_lib.rotary_dims(82, 0.5) == 40
-  assert model_lib.rotary_dims(128, 0.5) == 64
+  assert rope.rotary_dims(82, 0.5) == 40
+  assert rope.rotary_dims(128, 0.5) == 64
 
 
 def _smoe_154m():
