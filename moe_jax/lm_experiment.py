@@ -213,7 +213,10 @@ def _data_config(p: dict, tiny: bool, seq_len_ref) -> ConfigDict:
   # Literal text appended to every document (LibMoE: plain text, not a token).
   data.doc_separator = '<STORY_SEP>'
   # SentencePiece .model to load; '' trains one and caches it in the workdir.
+  # For tokenizer_type 'hf': the HF model directory (tokenizer.json).
   data.tokenizer = ''
+  # How data.tokenizer is read: 'sentencepiece' | 'hf' (HF model directory).
+  data.tokenizer_type = 'sentencepiece'
   # Tokenizer vocabulary size (SentencePiece BPE).
   data.vocab_size = p['vocab_size']
   # Split digits into single tokens when training the tokenizer.

@@ -2,9 +2,11 @@
 knows config field names.
 
 `build_data(config, workdir)` = source(s) from `config.data` -> tokenizer
-(loaded from `config.data.tokenizer`, or trained and cached in the workdir
-when it is '') -> grain pipeline. Training, evaluation, tracing and analysis
-all call it, so none of them imports the training loop to get data.
+(`config.data.tokenizer_type` 'sentencepiece': loaded from
+`config.data.tokenizer`, or trained and cached in the workdir when it is '';
+'hf': the tokenizer files of the HF model directory `config.data.tokenizer`)
+-> grain pipeline. Training, evaluation, tracing and analysis all call it, so
+none of them imports the training loop to get data.
 
 sources.py, tokenizer.py and pipeline.py name their own arguments in errors:
 the argument at fault first ('seq_len=0: expected >= 1.'), others in
@@ -43,6 +45,7 @@ _SOURCE_FIELDS = {
 }
 _TOKENIZER_FIELDS = {
     'model_path': 'config.data.tokenizer',
+    'model_dir': 'config.data.tokenizer',
     'vocab_size': 'config.data.vocab_size',
     'split_digits': 'config.data.split_digits',
     'separator': 'config.data.doc_separator',
@@ -130,18 +133,33 @@ def build_data(config: ml_collections.ConfigDict,
     config: the run's config (`config.data`, `config.model.vocab_size`,
       `config.train.global_batch` and `config.train.eval_batches`).
     workdir: the run's directory: the tokenizer trained when
-      `config.data.tokenizer` is '' and the token cache (unless
-      `config.data.cache_dir` is set) live there.
+      `config.data.tokenizer` is '' ('sentencepiece') and the token cache
+      (unless `config.data.cache_dir` is set) live there.
 
   Returns:
     The Pipeline.
 
   Raises:
-    FileNotFoundError: a data path or the tokenizer file does not exist.
-    ValueError: unreadable data or a setting the data cannot satisfy.
+    FileNotFoundError: a data path or the tokenizer file (a .model, or an
+      HF directory's tokenizer.json) does not exist.
+    ValueError: unreadable data, an unknown `config.data.tokenizer_type`,
+      or a setting the data cannot satisfy.
       Both start with the config field to change.
   """
   data = config.data
+  # Before any source or tokenizer is opened: a typo fails at once.
+  if data.tokenizer_type not in tokenizer_lib.TOKENIZER_TYPES:
+    choices = ' | '.join(repr(t) for t in tokenizer_lib.TOKENIZER_TYPES)
+    raise ValueError(
+        f'config.data.tokenizer_type={data.tokenizer_type!r}: expected one '
+        f'of {choices}.')
+  if data.tokenizer_type == 'hf' and not data.tokenizer:
+    raise ValueError(
+        "config.data.tokenizer: empty, but config.data.tokenizer_type='hf' "
+        'reads the tokenizer files of a Hugging Face model directory; set '
+        'config.data.tokenizer to that directory (only SentencePiece '
+        "tokenizers are trained: config.data.tokenizer_type='sentencepiece')."
+    )
   common = dict(text_field=data.text_field, doc_mode=data.doc_mode,
                 tfds_name=data.tfds_name,
                 tfds_data_dir=data.tfds_data_dir or None,
@@ -161,7 +179,10 @@ def build_data(config: ml_collections.ConfigDict,
       valid_source = sources_lib.make_source(
           data.source, path=data.eval_path, **common)
 
-  if data.tokenizer:
+  if data.tokenizer_type == 'hf':
+    with _fields(_TOKENIZER_FIELDS):
+      tokenizer = tokenizer_lib.load_hf_tokenizer(data.tokenizer)
+  elif data.tokenizer:
     with _fields(_TOKENIZER_FIELDS):
       try:
         tokenizer = tokenizer_lib.load_tokenizer(data.tokenizer)
@@ -176,12 +197,21 @@ def build_data(config: ml_collections.ConfigDict,
       tokenizer = tokenizer_lib.train_or_reuse_tokenizer(
           workdir, source, vocab_size=data.vocab_size,
           split_digits=data.split_digits, separator=data.doc_separator)
-  if tokenizer.vocab_size != config.model.vocab_size:
+  hf = data.tokenizer_type == 'hf'
+  # HF checkpoints often pad the embedding past len(tokenizer) (Qwen2:
+  # 151936 rows for 151665 tokens): ids only need to fit the embedding.
+  fits = (tokenizer.vocab_size <= config.model.vocab_size if hf else
+          tokenizer.vocab_size == config.model.vocab_size)
+  if not fits:
+    # An HF tokenizer's added tokens are ids too: len(tokenizer) counts them.
+    what = 'tokens (len(tokenizer), added tokens included)' if hf else 'pieces'
+    fix = ('the model\'s embedding must have at least that many rows' if hf
+           else f'set --config.data.vocab_size={tokenizer.vocab_size} (the '
+           "model's vocabulary follows it)")
     raise ValueError(
         f'config.data.tokenizer: the tokenizer {tokenizer.path} has '
-        f'{tokenizer.vocab_size} pieces but config.model.vocab_size='
-        f'{config.model.vocab_size}; set '
-        f'--config.data.vocab_size={tokenizer.vocab_size}')
+        f'{tokenizer.vocab_size} {what} but config.model.vocab_size='
+        f'{config.model.vocab_size}; {fix}')
 
   def pipeline_fields(message: str) -> dict[str, str]:
     # A bad record names its file: the validation files' field if it is one

@@ -49,7 +49,7 @@ from moe_jax.data.tokenizer import DOC_SEPARATOR
 
 
 class Tokenizer(Protocol):
-  """What the pipeline needs from a tokenizer (SentencePieceTokenizer fits).
+  """What the pipeline needs from a tokenizer (both in tokenizer.py fit).
 
   An optional `encode_batch(texts) -> list[list[int]]` is used when present.
   """

@@ -1,4 +1,5 @@
-"""SentencePiece tokenizer: load a model, or train a BPE one and cache it.
+"""Tokenizers: SentencePiece (load, or train a BPE one and cache it) and the
+tokenizer files of a Hugging Face model directory.
 
 Loading and training are two requests, two functions:
 
@@ -9,31 +10,40 @@ Loading and training are two requests, two functions:
   train_or_reuse_tokenizer(workdir, texts, vocab_size=...)
                                         `<workdir>/tokenizer_bpe<V>.model`:
                                         trained on first use, reused after
+  load_hf_tokenizer(model_dir)          `<model_dir>/tokenizer.json` (+
+                                        tokenizer_config.json) of an
+                                        imported HF model, read offline
 
 LibMoE's LM stack (algorithms.md §6.3) trains a SentencePiece BPE model with
 an 8000-piece vocabulary and split_digits=True on the training text, with the
 literal text '<STORY_SEP>' after each document (plain text, no special
 token); `train_or_reuse_tokenizer` does the same.
 
-Ids: unk 0, bos 1, eos 2 (SentencePiece defaults); the pipeline adds neither
-bos nor eos, only the document separator text.
+Ids: SentencePiece unk 0, bos 1, eos 2 (its defaults); an HF tokenizer's
+bos/eos are the tokens its tokenizer_config.json names. Neither tokenizer adds
+bos or eos when encoding; the pipeline adds only the document separator text.
 
-Errors name the argument at fault ('model_path=...', 'vocab_size=...');
-moe_jax/data/from_config.py maps the names to config fields.
+Errors name the argument at fault ('model_path=...', 'model_dir=...',
+'vocab_size=...'); moe_jax/data/from_config.py maps the names to config
+fields.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import os
 import tempfile
 import time
-from typing import Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 from absl import logging
 import numpy as np
 
 DOC_SEPARATOR = "<STORY_SEP>"
+# Values of config.data.tokenizer_type: how config.data.tokenizer is read.
+TOKENIZER_TYPES = ("sentencepiece", "hf")
 DEFAULT_VOCAB_SIZE = 8000
 # Training text cap: enough for a stable 8k vocabulary, bounded memory.
 DEFAULT_MAX_TRAIN_CHARS = 100_000_000
@@ -74,6 +84,18 @@ class SentencePieceTokenizer:
     """Number of pieces: the model's embedding rows."""
     return self._sp.get_piece_size()
 
+  @property
+  def bos_id(self) -> int | None:
+    """Id of the bos piece, None when the model has none."""
+    index = self._sp.bos_id()
+    return index if index >= 0 else None
+
+  @property
+  def eos_id(self) -> int | None:
+    """Id of the eos piece, None when the model has none."""
+    index = self._sp.eos_id()
+    return index if index >= 0 else None
+
   def encode(self, text: str) -> list[int]:
     """Text -> ids [N] (no bos/eos)."""
     return self._sp.encode(text, out_type=int)
@@ -102,6 +124,166 @@ class SentencePieceTokenizer:
 
   def __repr__(self) -> str:
     return f"SentencePieceTokenizer({self.path!r}, vocab={self.vocab_size})"
+
+
+# The files of an HF model directory that define its tokenizer.
+HF_TOKENIZER_FILE = "tokenizer.json"
+HF_TOKENIZER_CONFIG = "tokenizer_config.json"
+# Read only for special tokens tokenizer_config.json does not name: older
+# transformers wrote them there (transformers 5 still reads it).
+_HF_SPECIAL_TOKENS_MAP = "special_tokens_map.json"
+# transformers' named special tokens (SPECIAL_TOKENS_ATTRIBUTES).
+_HF_SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token",
+                     "pad_token", "cls_token", "mask_token")
+
+
+class HFTokenizer:
+  """The tokenizer of a Hugging Face model directory, loaded offline.
+
+  Reads `tokenizer.json` with the `tokenizers` library (no transformers
+  import, no network) and gives the ids `transformers.AutoTokenizer` gives
+  for that directory with `add_special_tokens=False`, for tokenizer classes
+  that use tokenizer.json as saved (TokenizersBackend, PreTrainedTokenizerFast
+  and model classes without their own constructor):
+    - truncation and padding saved in tokenizer.json are switched off, as
+      transformers' encode does: either would silently cut or pad documents;
+    - named special tokens of tokenizer_config.json (bos_token, pad_token,
+      ...) missing from tokenizer.json are added as special tokens, as
+      transformers does on load, so ids and `vocab_size` agree with it.
+
+  Args:
+    model_dir: the directory holding tokenizer.json ('~' is expanded).
+
+  Raises:
+    FileNotFoundError: `model_dir` has no tokenizer.json.
+    ValueError: `model_dir` is a file, or a tokenizer file is unreadable.
+  """
+
+  def __init__(self, model_dir: str | os.PathLike):
+    import tokenizers  # pylint: disable=g-import-not-at-top
+    self.path = os.path.expanduser(os.fspath(model_dir))
+    file = os.path.join(self.path, HF_TOKENIZER_FILE)
+    if os.path.isfile(self.path):
+      raise ValueError(
+          f"model_dir={self.path!r}: a file, not a directory. Point "
+          f"`model_dir` at the Hugging Face model directory that holds "
+          f"{HF_TOKENIZER_FILE} (and {HF_TOKENIZER_CONFIG})."
+      )
+    if not os.path.isfile(file):
+      raise FileNotFoundError(
+          f"model_dir={self.path!r}: no {HF_TOKENIZER_FILE} there (looked "
+          f"for {os.path.abspath(file)!r}). Point `model_dir` at a Hugging "
+          f"Face model directory with {HF_TOKENIZER_FILE} and "
+          f"{HF_TOKENIZER_CONFIG}. (A directory with only a SentencePiece "
+          "tokenizer.model: load it with transformers.AutoTokenizer and "
+          f"save_pretrained() it, which writes {HF_TOKENIZER_FILE}.)"
+      )
+    try:
+      self._tk = tokenizers.Tokenizer.from_file(file)
+    except Exception as e:  # pylint: disable=broad-except
+      # tokenizers raises a bare Exception for a malformed file.
+      raise ValueError(
+          f"model_dir={self.path!r}: {file} is not a tokenizers file ({e})."
+      ) from e
+    self._tk.no_truncation()
+    self._tk.no_padding()
+    self.special_tokens = self._special_tokens()
+    missing = [t for t in self.special_tokens.values()
+               if self._tk.token_to_id(t) is None]
+    if missing:
+      # dict.fromkeys: one token may serve as two (pad = eos).
+      self._tk.add_special_tokens(list(dict.fromkeys(missing)))
+
+  def _read_json(self, name: str) -> dict[str, Any]:
+    """A JSON file of the directory, {} when absent."""
+    path = os.path.join(self.path, name)
+    if not os.path.isfile(path):
+      return {}
+    try:
+      with open(path, encoding="utf-8") as f:
+        value = json.load(f)
+    except (OSError, ValueError) as e:
+      raise ValueError(
+          f"model_dir={self.path!r}: cannot read {path} ({e})."
+      ) from e
+    if not isinstance(value, dict):
+      raise ValueError(f"model_dir={self.path!r}: {path} holds a "
+                       f"{type(value).__name__}, expected a JSON object.")
+    return value
+
+  def _special_tokens(self) -> dict[str, str]:
+    """{name: token text} of the named special tokens the files declare."""
+    config = self._read_json(HF_TOKENIZER_CONFIG)
+    legacy = self._read_json(_HF_SPECIAL_TOKENS_MAP)
+    tokens = {}
+    for name in _HF_SPECIAL_NAMES:
+      value = config.get(name, legacy.get(name))
+      # Saved as the text, or as a serialized AddedToken {'content': ...}.
+      if isinstance(value, dict):
+        value = value.get("content")
+      if isinstance(value, str) and value:
+        tokens[name] = value
+    return tokens
+
+  def _special_id(self, name: str) -> int | None:
+    token = self.special_tokens.get(name)
+    return None if token is None else self._tk.token_to_id(token)
+
+  @property
+  def vocab_size(self) -> int:
+    """len(tokenizer): the base vocabulary plus added tokens."""
+    return self._tk.get_vocab_size(with_added_tokens=True)
+
+  def __len__(self) -> int:
+    return self.vocab_size
+
+  @property
+  def bos_id(self) -> int | None:
+    """Id of tokenizer_config.json's bos_token, None when it names none."""
+    return self._special_id("bos_token")
+
+  @property
+  def eos_id(self) -> int | None:
+    """Id of tokenizer_config.json's eos_token, None when it names none."""
+    return self._special_id("eos_token")
+
+  def encode(self, text: str) -> list[int]:
+    """Text -> ids [N]; no bos/eos (the post-processor is not applied)."""
+    return self._tk.encode(text, add_special_tokens=False).ids
+
+  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    """Texts -> one id list per text, encoded in parallel Rust threads."""
+    # The _fast variant (tokenizers >= 0.21) skips the character offsets,
+    # which nothing here reads.
+    encode = getattr(self._tk, "encode_batch_fast", self._tk.encode_batch)
+    encodings = encode(list(texts), add_special_tokens=False)
+    return [e.ids for e in encodings]
+
+  def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+    """Ids [N] -> text, special tokens kept (as the ids say)."""
+    return self._tk.decode([int(i) for i in np.asarray(ids).reshape(-1)],
+                           skip_special_tokens=False)
+
+  def pieces(self, text: str) -> list[str]:
+    """Text -> the token strings, for inspection."""
+    return self._tk.encode(text, add_special_tokens=False).tokens
+
+  def id_to_piece(self, index: int) -> str:
+    return self._tk.id_to_token(index)
+
+  def fingerprint(self) -> str:
+    """sha256 of the tokenizer files: keys token caches to these files."""
+    digest = hashlib.sha256()
+    for name in (HF_TOKENIZER_FILE, HF_TOKENIZER_CONFIG,
+                 _HF_SPECIAL_TOKENS_MAP):
+      path = os.path.join(self.path, name)
+      if os.path.isfile(path):
+        with open(path, "rb") as f:
+          digest.update(name.encode() + b"\0" + f.read())
+    return digest.hexdigest()
+
+  def __repr__(self) -> str:
+    return f"HFTokenizer({self.path!r}, vocab={self.vocab_size})"
 
 
 def training_sentences(texts: Iterable[str], *, max_chars: int,
@@ -248,6 +430,27 @@ def load_tokenizer(model_path: str | os.PathLike) -> SentencePieceTokenizer:
   tokenizer = SentencePieceTokenizer(model_path)
   logging.info("loaded tokenizer %s (vocab %d)", tokenizer.path,
                tokenizer.vocab_size)
+  return tokenizer
+
+
+def load_hf_tokenizer(model_dir: str | os.PathLike) -> HFTokenizer:
+  """Loads the tokenizer files of a Hugging Face model directory, offline.
+
+  Args:
+    model_dir: the directory with tokenizer.json and tokenizer_config.json
+      ('~' is expanded).
+
+  Returns:
+    The tokenizer; its vocab_size counts added tokens (len(tokenizer)).
+
+  Raises:
+    FileNotFoundError: no tokenizer.json in `model_dir`.
+    ValueError: `model_dir` is a file, or a tokenizer file is unreadable.
+  """
+  tokenizer = HFTokenizer(model_dir)
+  logging.info("loaded the HF tokenizer %s (vocab %d, bos %s, eos %s)",
+               tokenizer.path, tokenizer.vocab_size, tokenizer.bos_id,
+               tokenizer.eos_id)
   return tokenizer
 
 
