@@ -11,6 +11,7 @@ field), and `load_config` for scripts and notebooks.
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import ml_collections
@@ -90,25 +91,25 @@ def parse_arg(arg: str | None, **spec: Any) -> ConfigDict:
 def _validate_moe(config: ConfigDict) -> None:
   moe = config.moe
   require(moe.router in router_lib.ROUTERS, 'moe.router',
-        f'one of {sorted(router_lib.ROUTERS)}', moe.router)
+          f'one of {sorted(router_lib.ROUTERS)}', moe.router)
   backend_names = sorted(backends.BACKENDS)
   require(moe.backend in backend_names, 'moe.backend',
           f'one of {backend_names}',
-        moe.backend)
+          moe.backend)
   require(isinstance(moe.num_experts, int) and moe.num_experts >= 1,
-        'moe.num_experts', 'an integer >= 1', moe.num_experts)
+          'moe.num_experts', 'an integer >= 1', moe.num_experts)
   require(isinstance(moe.top_k, int) and 1 <= moe.top_k <= moe.num_experts,
-        'moe.top_k', f'an integer in [1, moe.num_experts={moe.num_experts}]',
-        moe.top_k)
+          'moe.top_k', f'an integer in [1, moe.num_experts={moe.num_experts}]',
+          moe.top_k)
   require(moe.d_model == config.model.d_model, 'moe.d_model',
-        f'model.d_model={config.model.d_model}', moe.d_model)
+          f'model.d_model={config.model.d_model}', moe.d_model)
   losses = tuple(moe.losses)
   bad = [n for n in losses if n not in losses_lib.LOSSES]
   require(not bad, 'moe.losses', f'names among {losses_lib.LOSSES}', bad)
   coefficients = dict(config.loss.coefficients)
   require(set(coefficients) == set(losses), 'loss.coefficients',
-        f'exactly one coefficient per name of moe.losses {losses}',
-        sorted(coefficients))
+          f'exactly one coefficient per name of moe.losses {losses}',
+          sorted(coefficients))
   # RouterConfig checks (option names, choices, ranges, top_k vs router width).
   options = config.moe.router_options.to_dict()
   try:
@@ -136,7 +137,7 @@ def _validate_moe(config: ConfigDict) -> None:
   mesh = config.mesh
   if mesh.expert > 1:
     require(moe.num_experts % mesh.expert == 0, 'mesh.expert',
-          f'a divisor of moe.num_experts={moe.num_experts}', mesh.expert)
+            f'a divisor of moe.num_experts={moe.num_experts}', mesh.expert)
 
 
 def validate(config: ConfigDict, num_devices: int | None = None) -> None:
@@ -154,33 +155,33 @@ def validate(config: ConfigDict, num_devices: int | None = None) -> None:
                'head_dim'):
     value = model[name]
     require(isinstance(value, int) and value >= 1, f'model.{name}',
-          'an integer >= 1', value)
+            'an integer >= 1', value)
   require(model.vocab_size == data.vocab_size, 'model.vocab_size',
-        f'data.vocab_size={data.vocab_size}', model.vocab_size)
+          f'data.vocab_size={data.vocab_size}', model.vocab_size)
   if mesh.tensor > 1:
     require(model.num_heads % mesh.tensor == 0, 'model.num_heads',
-          f'a multiple of mesh.tensor={mesh.tensor}', model.num_heads)
+            f'a multiple of mesh.tensor={mesh.tensor}', model.num_heads)
 
   # Losses.
   for name, value in config.loss.coefficients.items():
     require(isinstance(value, (int, float)) and value >= 0,
-          f'loss.coefficients.{name}', 'a number >= 0', value)
+            f'loss.coefficients.{name}', 'a number >= 0', value)
   require(config.loss.layer_reduction in LAYER_REDUCTIONS,
-        'loss.layer_reduction', f'one of {LAYER_REDUCTIONS}',
-        config.loss.layer_reduction)
+          'loss.layer_reduction', f'one of {LAYER_REDUCTIONS}',
+          config.loss.layer_reduction)
 
   # FFN.
   if model.dense_ffn:
     require('dense' in config, 'dense', 'a sub-dict when model.dense_ffn',
-          None)
+            None)
     dense = config.dense
     require(dense.d_model == model.d_model, 'dense.d_model',
-          f'model.d_model={model.d_model}', dense.d_model)
+            f'model.d_model={model.d_model}', dense.d_model)
     require(dense.width >= 1, 'dense.width', 'an integer >= 1', dense.width)
     require(dense.activation in activations.ACTIVATIONS, 'dense.activation',
-          f'one of {activations.ACTIVATIONS}', dense.activation)
+            f'one of {activations.ACTIVATIONS}', dense.activation)
     require(not dict(config.loss.coefficients), 'loss.coefficients',
-          'none for the dense baseline', dict(config.loss.coefficients))
+            'none for the dense baseline', dict(config.loss.coefficients))
   else:
     require('moe' in config, 'moe', 'a sub-dict unless model.dense_ffn', None)
     _validate_moe(config)
@@ -188,77 +189,96 @@ def validate(config: ConfigDict, num_devices: int | None = None) -> None:
   # Training.
   require(train.steps >= 1, 'train.steps', 'an integer >= 1', train.steps)
   require(train.learning_rate > 0, 'train.learning_rate', 'a value > 0',
-        train.learning_rate)
+          train.learning_rate)
   require(train.schedule in SCHEDULES, 'train.schedule', f'one of {SCHEDULES}',
-        train.schedule)
+          train.schedule)
   require(0 <= train.warmup_steps < train.steps, 'train.warmup_steps',
-        f'in [0, train.steps={train.steps})', train.warmup_steps)
+          f'in [0, train.steps={train.steps})', train.warmup_steps)
   require(train.cosine_steps >= 1, 'train.cosine_steps', 'an integer >= 1',
-        train.cosine_steps)
+          train.cosine_steps)
   require(0 <= train.min_lr_ratio <= 1, 'train.min_lr_ratio', 'in [0, 1]',
-        train.min_lr_ratio)
+          train.min_lr_ratio)
   for name in ('b1', 'b2'):
     require(0 <= train[name] < 1, f'train.{name}', 'in [0, 1)', train[name])
   require(train.eps > 0, 'train.eps', 'a value > 0', train.eps)
   require(train.weight_decay >= 0, 'train.weight_decay', 'a value >= 0',
-        train.weight_decay)
+          train.weight_decay)
   require(train.grad_clip > 0, 'train.grad_clip', 'a value > 0',
-        train.grad_clip)
+          train.grad_clip)
   require(train.grad_accum >= 1, 'train.grad_accum', 'an integer >= 1',
-        train.grad_accum)
+          train.grad_accum)
   require(train.global_batch % train.grad_accum == 0, 'train.global_batch',
-        f'a multiple of train.grad_accum={train.grad_accum}',
-        train.global_batch)
+          f'a multiple of train.grad_accum={train.grad_accum}',
+          train.global_batch)
   require(train.seq_len >= 1, 'train.seq_len', 'an integer >= 1',
-        train.seq_len)
+          train.seq_len)
   require(train.dtype in DTYPES, 'train.dtype', f'one of {DTYPES}',
-        train.dtype)
+          train.dtype)
   require(0 <= train.halt_at_step <= train.steps, 'train.halt_at_step',
-        f'in [0, train.steps={train.steps}]', train.halt_at_step)
+          f'in [0, train.steps={train.steps}]', train.halt_at_step)
   for name in ('log_every', 'eval_every', 'eval_batches', 'checkpoint_every',
                'keep'):
     require(train[name] >= 1, f'train.{name}', 'an integer >= 1', train[name])
   require(train.trace_every >= 0, 'train.trace_every',
-        'an integer >= 0 (0: no traces during training)', train.trace_every)
+          'an integer >= 0 (0: no traces during training)', train.trace_every)
   require(not (train.trace_every and model.dense_ffn), 'train.trace_every',
-        '0 for the dense baseline (model.dense_ffn: nothing is routed)',
-        train.trace_every)
+          '0 for the dense baseline (model.dense_ffn: nothing is routed)',
+          train.trace_every)
+
+  require(len(train.trainable) >= 1, 'train.trainable',
+          "regexes over parameter paths (('.*',): everything)",
+          train.trainable)
+  for pattern in train.trainable:
+    try:
+      re.compile(pattern)
+    except re.error as e:
+      raise ValueError(f'train.trainable: {pattern!r} is not a regex ({e})'
+                       ) from None
+
+  # Initialisation.
+  upcycle = config.init.upcycle
+  if upcycle.router:
+    require(bool(config.init.hf_path), 'init.upcycle.router',
+            "'' unless init.hf_path names a dense model to upcycle",
+            upcycle.router)
+    require(upcycle.router in router_lib.ROUTERS, 'init.upcycle.router',
+            f'one of {sorted(router_lib.ROUTERS)}', upcycle.router)
 
   # Data.
   require(data.source in DATA_SOURCES, 'data.source', f'one of {DATA_SOURCES}',
-        data.source)
+          data.source)
   require(data.seq_len == train.seq_len, 'data.seq_len',
-        f'train.seq_len={train.seq_len}', data.seq_len)
+          f'train.seq_len={train.seq_len}', data.seq_len)
   if data.source in ('files', 'array_record'):
     require(bool(data.train_path), 'data.train_path',
-          f'a path for data.source={data.source!r}', data.train_path)
+            f'a path for data.source={data.source!r}', data.train_path)
   if data.source == 'tfds':
     require(bool(data.tfds_name), 'data.tfds_name',
-          "a dataset name for data.source='tfds'", data.tfds_name)
+            "a dataset name for data.source='tfds'", data.tfds_name)
 
   # Mesh.
   sizes = {a: mesh[a] for a in MESH_AXES}
   for axis, size in sizes.items():
     require(isinstance(size, int) and (size >= 1 or size == -1), f'mesh.{axis}',
-          'an integer >= 1, or -1 (all remaining devices)', size)
+            'an integer >= 1, or -1 (all remaining devices)', size)
   require(sum(s == -1 for s in sizes.values()) <= 1, 'mesh',
-        'at most one axis of size -1', sizes)
+          'at most one axis of size -1', sizes)
   fixed = math.prod(s for s in sizes.values() if s != -1)
   if num_devices is not None:
     if -1 in sizes.values():
       require(num_devices % fixed == 0, 'mesh',
-            f'fixed axis sizes dividing the {num_devices} devices', sizes)
+              f'fixed axis sizes dividing the {num_devices} devices', sizes)
     else:
       require(fixed == num_devices, 'mesh',
-            f'axis sizes multiplying to the {num_devices} devices', sizes)
+              f'axis sizes multiplying to the {num_devices} devices', sizes)
     data_ways = (num_devices // fixed if -1 in sizes.values() else 1)
     batch_ways = math.prod(
         data_ways if s == -1 else s
         for a, s in sizes.items() if a in ('data', 'fsdp', 'expert'))
     micro = train.global_batch // train.grad_accum
     require(micro % batch_ways == 0, 'train.global_batch',
-          f'micro-batches (global_batch / grad_accum = {micro}) divisible '
-          f'by the {batch_ways} batch shards of the mesh', train.global_batch)
+            f'micro-batches (global_batch / grad_accum = {micro}) divisible '
+            f'by the {batch_ways} batch shards of the mesh', train.global_batch)
 
 
 def load_config(spec: str) -> ConfigDict:

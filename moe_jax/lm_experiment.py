@@ -187,7 +187,37 @@ def _train_config(p: dict, tiny: bool) -> ConfigDict:
   train.trace_every = 0
   # Also store each router's full output distribution in those traces.
   train.trace_probs = False
+  # Regexes over parameter paths ('layer_0/moe/experts/w_in'); a parameter
+  # trains when one matches (big_vision-style). Others get no update.
+  train.trainable = ('.*',)
   return train
+
+
+def _init_config() -> ConfigDict:
+  init = ConfigDict()
+  # Hugging Face model directory to start from ('': LibMoE's random init).
+  # Its config.json then defines config.model (moe_jax/convert/
+  # init_from_hf.py) and its tokenizer.json the tokenizer.
+  init.hf_path = ''
+  init.upcycle = ConfigDict()
+  # Router of the upcycled MoE layers ('': train the dense model as is).
+  init.upcycle.router = ''
+  # Routed experts E and experts per token k of the upcycled layers.
+  init.upcycle.num_experts = 8
+  init.upcycle.top_k = 2
+  # Dense-MLP segments per expert set (fine-grained experts: width I / G).
+  init.upcycle.granularity = 1
+  # Shared experts, each a copy of the dense MLP, and their mix
+  # ('half': 0.5 shared + 0.5 routed, function-preserving | 'add').
+  init.upcycle.shared_experts = 0
+  init.upcycle.shared_mix = 'half'
+  # Relative std of noise added to each expert copy (0: exact copies).
+  init.upcycle.noise = 0.0
+  # Seed of the routers and the noise.
+  init.upcycle.seed = 0
+  # 'per_layer' router seeds | 'libmoe' (seed 42 in every layer).
+  init.upcycle.router_seed = 'per_layer'
+  return init
 
 
 def _data_config(p: dict, tiny: bool, seq_len_ref) -> ConfigDict:
@@ -379,6 +409,7 @@ def base_config(router: str, size: str,
   # Cross-layer reduction of each aux loss: 'sum' (LM, LibMoE) | 'mean' (VLM).
   loss.layer_reduction = 'sum'
   config.loss = loss
+  config.init = _init_config()
 
   if router == 'dense':
     s = math.sqrt(2.0 / p['num_layers'])

@@ -11,6 +11,7 @@ Dimension legend: L layers.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import flax
@@ -22,6 +23,9 @@ import optax
 from moe_jax.moe import router as router_lib
 
 ConfigDict = ml_collections.ConfigDict
+
+# train.trainable that trains everything (LibMoE pretraining).
+ALL_TRAINABLE = ('.*',)
 
 
 @flax.struct.dataclass
@@ -62,15 +66,39 @@ def learning_rate_schedule(train: ConfigDict) -> optax.Schedule:
   return optax.join_schedules([warmup, main], [train.warmup_steps])
 
 
+def param_path(path) -> str:
+  """'layer_0/moe/experts/w_in' for a jax tree path."""
+  return '/'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path)
+
+
+def trainable_labels(params, patterns) -> Any:
+  """'train' / 'freeze' per parameter: trains when a regex matches its path."""
+  compiled = [re.compile(p) for p in patterns]
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: ('train' if any(c.fullmatch(param_path(path))
+                                      for c in compiled) else 'freeze'),
+      params)
+
+
 def make_optimizer(train: ConfigDict
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """Global-norm clipping, then AdamW with decay on all parameters."""
+  """Global-norm clipping, then AdamW with decay on all trained parameters.
+
+  With `train.trainable` other than ('.*',) the frozen parameters get no
+  update at all (no decay either) and the clipping norm covers the trained
+  ones only; the optimiser state then has optax.multi_transform's layout.
+  """
   schedule = learning_rate_schedule(train)
   tx = optax.chain(
       optax.clip_by_global_norm(train.grad_clip),
       optax.adamw(schedule, b1=train.b1, b2=train.b2, eps=train.eps,
                   weight_decay=train.weight_decay))
-  return tx, schedule
+  patterns = tuple(train.trainable)
+  if patterns == ALL_TRAINABLE:
+    return tx, schedule
+  return optax.multi_transform(
+      {'train': tx, 'freeze': optax.set_to_zero()},
+      lambda params: trainable_labels(params, patterns)), schedule
 
 
 def step_hook(config: ConfigDict) -> router_lib.StepHook | None:

@@ -49,6 +49,7 @@ from moe_jax import scoring
 from moe_jax import sharding as sharding_lib
 from moe_jax import state as state_lib
 from moe_jax.analysis import tracing
+from moe_jax.convert import init_from_hf
 from moe_jax.data import from_config
 from moe_jax.moe import router as router_lib
 from moe_jax.state import TrainState
@@ -318,6 +319,23 @@ def _restore(checkpoints, abstract_state: TrainState, config: ConfigDict,
       data_state
 
 
+def _start_from_hf(config: ConfigDict, state: TrainState,
+                   shardings: TrainState) -> TrainState:
+  """The fresh state with the imported (and upcycled) HF variables."""
+  start = time.perf_counter()
+  params, router_state = init_from_hf.initial_variables(config)
+  state = state.replace(
+      params=jax.device_put(params, shardings.params),
+      router_state=jax.device_put(router_state, shardings.router_state)
+      if router_state else state.router_state)
+  logging.info('starting from %s%s in %.1f s', config.init.hf_path,
+               (f', upcycled to {config.init.upcycle.num_experts} '
+                f'{config.init.upcycle.router} experts'
+                if config.init.upcycle.router else ''),
+               time.perf_counter() - start)
+  return state
+
+
 class _MetricsWriter:
   """Step records in metrics.jsonl and the periodic progress line.
 
@@ -391,6 +409,9 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
       checkpoint stays on disk.
     ValueError: the config does not match the workdir's checkpoints.
   """
+  if config.init.hf_path:
+    # The HF directory's config.json defines the model (and its tokenizer).
+    init_from_hf.resolve(config)
   config_lib.validate(config, num_devices=jax.device_count())
   train_cfg = config.train
   workdir = os.path.abspath(workdir)
@@ -450,7 +471,10 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
       state = jax.jit(lambda k: nn.unbox(init_fn(k)),
                       out_shardings=state_shardings)(key)
     data_state = None
-    logging.info('starting from scratch in %s', workdir)
+    if config.init.hf_path:
+      state = _start_from_hf(config, state, state_shardings)
+    else:
+      logging.info('starting from scratch in %s', workdir)
   else:
     start, state, data_state = restored
     logging.info('resumed from checkpoint %d in %s', start,

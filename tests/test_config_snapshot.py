@@ -26,7 +26,15 @@ def _snapshot_module():
 SNAP = _snapshot_module()
 SAVED = json.loads((FIXTURES / 'config_snapshot.json').read_text())
 # Fields added after the snapshot: {dotted path: value in every config}.
-ADDED = {'model_name': 'decoder', 'data.tokenizer_type': 'sentencepiece'}
+ADDED = {
+    'model_name': 'decoder',
+    'data.tokenizer_type': 'sentencepiece',
+    'train.trainable': ['.*'],
+    'init': {'hf_path': '', 'upcycle': {
+        'router': '', 'num_experts': 8, 'top_k': 2, 'granularity': 1,
+        'shared_experts': 0, 'shared_mix': 'half', 'noise': 0.0, 'seed': 0,
+        'router_seed': 'per_layer'}},
+}
 
 
 def test_snapshot_covers_every_config_file():
