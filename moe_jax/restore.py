@@ -26,6 +26,7 @@ from moe_jax import checkpoint as checkpoint_lib
 from moe_jax import models
 from moe_jax import run_log
 from moe_jax import state as state_lib
+from moe_jax.convert import init_from_hf
 from moe_jax.validation import ConfigMismatch
 
 # The parts of a TrainState an inference-time consumer reads.
@@ -96,6 +97,9 @@ def restore_run(config: ConfigDict, workdir: str, step: int | None = None, *,
     ValueError: no checkpoint `step`, or the config does not match it.
   """
   workdir = os.path.abspath(workdir)
+  if config.init.hf_path:
+    # The model is defined by the HF directory's config.json, as in training.
+    init_from_hf.resolve(config)
   model = models.build(config)
   device = jax.devices()[0]
   expected = abstract_variables(config, model, device)

@@ -1,0 +1,25 @@
+r"""Sparse upcycling of a dense Llama-3 / Mistral model with the smoe router.
+
+Command (any dense Llama-3 / Mistral Hugging Face directory):
+  python -m moe_jax.main --config=configs/upcycle/llama_smoe.py --config.init.hf_path=DIR --workdir=/tmp/llama_smoe
+CPU quickstart (a tiny random model written first, then 100 steps):
+  python -m moe_jax.convert tiny --family=llama --out=/tmp/tiny_llama
+  python -m moe_jax.main --config=configs/upcycle/llama_smoe.py:tiny --config.init.hf_path=/tmp/tiny_llama --workdir=/tmp/llama_smoe_tiny
+
+Hardware: one GPU for 1B-8B models (add --config.train.grad_accum); the tiny
+  variant runs on a 2-core CPU.
+Runtime: not measured yet.
+Expected: step-0 loss equal to the dense model's (the upcycled model computes
+  its function: every expert is the dense MLP and the router weights sum to 1); the loss then falls below it.
+Export: Mixtral (Llama family) or Qwen2-MoE.
+Paper: Komatsuzaki et al. 2023, "Sparse upcycling" (arXiv 2212.05055);
+  LibMoE (arXiv 2411.00918) §10 of algorithms.md.
+
+Arguments (`:key=value,...`): tiny; train_only=all|moe (moe_jax/upcycle_experiment.py).
+"""
+
+from moe_jax import upcycle_experiment
+
+
+def get_config(arg=None):
+  return upcycle_experiment.experiment('smoe', arg)
