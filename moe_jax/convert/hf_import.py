@@ -3,13 +3,19 @@
     model, params, kwargs = import_hf(hf_dir)
     logits, _ = model.apply({'params': params}, tokens)
 
-reads `config.json`, picks the family's key table (families.py), checks the
+reads `config.json`, picks the family's key table (families.py for the
+dense families, moe_families.py for the MoE ones, whose routed experts may
+be stored per expert or fused in 3D tensors), checks the
 checkpoint's keys and shapes against it before reading any tensor (a
 missing, unexpected or mis-shaped key is an error naming the key, the
 expected shape and the file), then reads one tensor at a time into float32
 parameters (house rule: parameters are float32; matmuls run in the
 compute dtype). The result is checked against the model's own parameter
 tree, so a table and the decoder cannot drift apart silently.
+
+Routers that keep non-trainable state (glm4_moe's e_score_correction_bias,
+in the 'router_state' collection) need `import_hf_with_state`, which also
+returns that collection; `import_hf` refuses them rather than drop it.
 
 Dimension legend: see families.py.
 """
@@ -18,7 +24,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import flax.linen as nn
 import jax
@@ -27,6 +33,7 @@ import numpy as np
 from tqdm import tqdm
 
 from moe_jax.convert import families
+from moe_jax.convert import moe_families
 from moe_jax.convert import safetensors_io
 from moe_jax.models import decoder
 
@@ -49,8 +56,13 @@ def read_hf_config(hf_dir: str) -> dict[str, Any]:
 
 
 def check_keys(checkpoint: safetensors_io.ShardedCheckpoint,
-               table: Iterable[families.Entry], *, tied: bool) -> None:
-  """Missing, unexpected or mis-shaped keys -> ValueError naming them."""
+               table: Iterable[families.Entry], *, tied: bool,
+               ignore: Callable[[str], bool] | None = None) -> None:
+  """Missing, unexpected or mis-shaped keys -> ValueError naming them.
+
+  `ignore(key)` marks further checkpoint keys that hold nothing the model
+  uses (not reported as unexpected).
+  """
   expected: dict[str, tuple[int, ...]] = {}
   for item in table:
     expected.update(zip(item.hf_keys, item.shapes))
@@ -61,6 +73,8 @@ def check_keys(checkpoint: safetensors_io.ShardedCheckpoint,
                     f'in {checkpoint.directory}')
   for key in sorted(present - set(expected)):
     if key.endswith(IGNORED_SUFFIXES) or (tied and key == 'lm_head.weight'):
+      continue
+    if ignore is not None and ignore(key):
       continue
     problems.append(f'unexpected key {key} {checkpoint.shape(key)} in '
                     f'{os.path.join(checkpoint.directory, checkpoint.shard_of(key))}')
@@ -100,13 +114,16 @@ def read_params(checkpoint: safetensors_io.ShardedCheckpoint,
   return params
 
 
-def check_against_model(model: decoder.TransformerLM, params: dict) -> None:
-  """The imported tree has exactly the model's parameter names and shapes."""
+def check_against_model(model: decoder.TransformerLM, params: dict,
+                        collection: str = 'params') -> None:
+  """The imported tree has exactly the model's names and shapes in
+  `collection` ('params', or 'router_state')."""
   tokens = jnp.zeros((1, 2), jnp.int32)
   want = jax.eval_shape(lambda: model.init(jax.random.key(0), tokens))
   want = nn.unbox(want)
   want = {jax.tree_util.keystr(p): tuple(a.shape) for p, a in
-          jax.tree_util.tree_flatten_with_path(want['params'])[0]}
+          jax.tree_util.tree_flatten_with_path(
+              dict(want.get(collection, {})))[0]}
   got = {jax.tree_util.keystr(p): tuple(a.shape) for p, a in
          jax.tree_util.tree_flatten_with_path(params)[0]}
   if want != got:
@@ -114,16 +131,64 @@ def check_against_model(model: decoder.TransformerLM, params: dict) -> None:
     raise AssertionError(f'key table and decoder disagree: {diff}')
 
 
-def import_hf(hf_dir: str, *, progress: bool = True
-              ) -> tuple[decoder.TransformerLM, dict, dict[str, Any]]:
-  """(model, params, TransformerLM kwargs) of an HF model directory."""
+def _family(hf: dict[str, Any], source: str) -> tuple[str, bool]:
+  """(family, is_moe) of an HF config; errors name the file."""
+  moe = moe_families.family_of(hf)
+  if moe is not None:
+    return moe, True
+  archs = hf.get('architectures') or []
+  if not archs or archs[0] not in families.ARCHITECTURES:
+    supported = sorted({**families.ARCHITECTURES,
+                        **moe_families.ARCHITECTURES})
+    raise ValueError(f'{source}: architectures {archs} is not one moe_jax '
+                     f'imports; supported: {supported}')
+  return families.family_of(hf, source), False
+
+
+def import_hf_with_state(hf_dir: str, *, progress: bool = True
+                         ) -> tuple[decoder.TransformerLM, dict, dict,
+                                    dict[str, Any]]:
+  """(model, params, router_state, kwargs) of an HF model directory.
+
+  router_state is the model's 'router_state' collection ({} when its
+  router keeps none); apply with {'params': params, 'router_state': ...}.
+  """
   hf = read_hf_config(hf_dir)
-  family = families.family_of(hf, os.path.join(hf_dir, 'config.json'))
-  kwargs = families.model_kwargs(hf, family)
-  table = families.key_table(hf, family)
-  checkpoint = safetensors_io.ShardedCheckpoint(hf_dir)
-  check_keys(checkpoint, table, tied=kwargs['tie_embeddings'])
+  family, is_moe = _family(hf, os.path.join(hf_dir, 'config.json'))
+  if is_moe:
+    kwargs = moe_families.model_kwargs(hf, family)
+    checkpoint = safetensors_io.ShardedCheckpoint(hf_dir)
+    # Routed experts per expert or fused in 3D tensors, as the file has it.
+    layout = moe_families.layout_of(checkpoint.keys())
+    table = moe_families.key_table(hf, family, layout)
+    state_table = moe_families.state_table(hf, family)
+    ignore = moe_families.ignored(hf, family)
+  else:
+    kwargs = families.model_kwargs(hf, family)
+    table = families.key_table(hf, family)
+    state_table, ignore = [], None
+    checkpoint = safetensors_io.ShardedCheckpoint(hf_dir)
+  check_keys(checkpoint, table + state_table,
+             tied=kwargs['tie_embeddings'], ignore=ignore)
   params = read_params(checkpoint, table, progress=progress)
+  router_state = read_params(checkpoint, state_table, progress=False)
   model = decoder.TransformerLM(**kwargs, dtype=jnp.float32)
   check_against_model(model, params)
+  check_against_model(model, router_state, 'router_state')
+  return model, params, router_state, kwargs
+
+
+def import_hf(hf_dir: str, *, progress: bool = True
+              ) -> tuple[decoder.TransformerLM, dict, dict[str, Any]]:
+  """(model, params, TransformerLM kwargs) of an HF model directory.
+
+  Refuses models whose routers keep state (see import_hf_with_state).
+  """
+  model, params, router_state, kwargs = import_hf_with_state(
+      hf_dir, progress=progress)
+  if router_state:
+    raise ValueError(
+        f'{hf_dir}: this model\'s router keeps state (the '
+        "'router_state' collection, e.g. e_score_correction_bias); use "
+        'import_hf_with_state, which returns it')
   return model, params, kwargs

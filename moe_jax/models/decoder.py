@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from moe_jax.models import rope
+from moe_jax.models.rope import apply_rope, inverse_frequencies, rotary_dims
 from moe_jax.moe import layer as layer_lib
 from moe_jax.validation import require
 
@@ -123,11 +123,11 @@ class Attention(nn.Module):
       q = norm_layer('rmsnorm', self.norm_eps, 'q_norm', None)(q)
       k = norm_layer('rmsnorm', self.norm_eps, 'k_norm', None)(k)
     q, k = q.astype(self.dtype), k.astype(self.dtype)
-    rotate = rope.rotary_dims(dh, self.rope_fraction)
-    inv_freq, scale = rope.inverse_frequencies(rotate, self.rope_theta,
-                                               self.rope_scaling)
-    q = rope.apply_rope(q, positions, rotate, inv_freq, scale)
-    k = rope.apply_rope(k, positions, rotate, inv_freq, scale)
+    rotate = rotary_dims(dh, self.rope_fraction)
+    inv_freq, scale = inverse_frequencies(rotate, self.rope_theta,
+                                          self.rope_scaling)
+    q = apply_rope(q, positions, rotate, inv_freq, scale)
+    k = apply_rope(k, positions, rotate, inv_freq, scale)
     out = jax.nn.dot_product_attention(q, k, v, mask=mask,
                                        is_causal=True)      # [B, S, H, Dh]
     return dense(d, ('heads', 'embed'), 'out', self.bias == 'all')(

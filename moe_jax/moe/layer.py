@@ -2,8 +2,9 @@
 
   y = Σ_k w_{t,k} f_{e(t,k)}(x_t)                 routed FFN experts (signed for TC-MoE)
     + c_t x_t + Σ_n a_{t,n} (α₁ x_t + α₂ v_n)      MoE++ copy / constant experts
-  and a shared expert mixed as y + f_s(x) ('add', LM) or 0.5 f_s(x) + 0.5 y
-  ('half', LibMoE VLM).
+  and a shared expert mixed as y + f_s(x) ('add', LM), 0.5 f_s(x) + 0.5 y
+  ('half', LibMoE VLM) or y + σ(x w_g) f_s(x) ('sigmoid_gate', Qwen2-MoE's
+  gated shared expert, w_g the [D, 1] parameter 'shared_gate').
 
 The block returns (y, aux): aux['losses'] holds the UNWEIGHTED auxiliary losses
 (train.py weights and sums them over layers), aux['metrics'] the routing
@@ -32,7 +33,7 @@ from moe_jax.moe import metrics as metrics_lib
 from moe_jax.moe import router as router_lib
 from moe_jax.validation import require
 
-SHARED_MIXES = ('add', 'half')
+SHARED_MIXES = ('add', 'half', 'sigmoid_gate')
 
 
 class ConstantExperts(nn.Module):
@@ -82,7 +83,8 @@ class MoEBlock(nn.Module):
   shared_experts: int = 0
   # Width of one shared expert; None means expert_width.
   shared_width: int | None = None
-  # 'add' (LM: y + shared) | 'half' (VLM: 0.5 shared + 0.5 routed).
+  # 'add' (LM: y + shared) | 'half' (VLM: 0.5 shared + 0.5 routed) |
+  # 'sigmoid_gate' (Qwen2-MoE: y + σ(x w_g) shared, w_g = 'shared_gate').
   shared_mix: str = 'add'
   # Loss names to compute; None means the router's default losses.
   losses: tuple[str, ...] | None = None
@@ -156,7 +158,10 @@ class MoEBlock(nn.Module):
     y = y + self._special_experts(out, expert_in, cfg)
     if self.shared_experts:
       y_shared = self._shared_expert(xt)                        # [T, D]
-      y = y + y_shared if self.shared_mix == 'add' else 0.5 * (y + y_shared)
+      if self.shared_mix == 'sigmoid_gate':
+        y = y + self._shared_gate(xt).astype(y_shared.dtype) * y_shared
+      else:
+        y = y + y_shared if self.shared_mix == 'add' else 0.5 * (y + y_shared)
     names = self.losses if self.losses is not None else (
         router_lib.ROUTERS[self.router].default_losses)
     aux = {
@@ -211,6 +216,14 @@ class MoEBlock(nn.Module):
         self.shared_w_in_std, self.shared_w_out_std, name='shared')()
     return experts_lib.dense_ffn(shared, xt.astype(self.dtype),
                                  activation=self.activation)
+
+  def _shared_gate(self, xt):
+    """σ(x w_g) [T, 1], float32 like the router (Qwen2-MoE shared gate)."""
+    init = nn.with_logical_partitioning(
+        nn.initializers.normal(self.shared_w_in_std), ('embed', None))
+    w_g = self.param('shared_gate', init, (self.d_model, 1))    # [D, 1]
+    return jax.nn.sigmoid(
+        jnp.einsum('td,do->to', xt.astype(jnp.float32), w_g))   # [T, 1]
 
   def _special_experts(self, out, expert_in, cfg):
     """Copy and constant experts of MoE++ (zero otherwise): [T, D]."""

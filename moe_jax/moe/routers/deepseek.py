@@ -51,7 +51,9 @@ def route(params, state, x, cfg: base.RouterConfig, *, step=0, rng=None,
     biased = _group_limit(biased, cfg)
   _, index = jax.lax.top_k(biased, cfg.top_k)                  # [T, K]
   top = jnp.take_along_axis(s, index, axis=-1)                 # unbiased
-  weight = base.renormalise(top) * cfg.routed_scaling_factor
+  # DeepSeek-V3 renormalises (norm_topk_prob); Glm4Moe configs may not.
+  weight = (base.renormalise(top) if cfg.normalize_topk else top)
+  weight = weight * cfg.routed_scaling_factor
   return base.plain_output(index, weight, base.renormalise(s), z,
                            gate_softmax=jax.nn.softmax(z, axis=-1))
 
