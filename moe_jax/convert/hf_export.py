@@ -5,21 +5,47 @@
 writes `config.json` (v5 `rope_parameters` and the legacy `rope_theta` /
 `rope_scaling` both), `generation_config.json`, the weights as safetensors
 with the target's legacy per-expert keys (loadable by transformers 4.x and
-5.x and vLLM; §4.3) and, when given, the tokenizer files. Targets:
+5.x and vLLM; §4.3) and, when given, the tokenizer files. The MoE targets
+write exactly what moe_families.py imports (`norm_topk_prob` always).
+Targets:
 
   dense      Llama, Qwen2 or Qwen3 by the attention (q/k/v biases ->
              Qwen2, per-head q/k norm -> Qwen3, otherwise Llama)
   mixtral    softmax top-k renormalised (`smoe`), no shared expert, no
-             attention biases
+             attention biases, no q/k norms
   qwen2_moe  softmax top-k (renormalised or not) with q/k/v biases (zeros
              when the model has none) and its sigmoid-gated shared expert:
              a model without one gets a zero shared expert; SharedE-V2's
              ungated 0.5 / 0.5 mix becomes gate weight 0 (σ(0) = 0.5) with
              the routed experts' down projections halved (§5.1)
+  qwen3_moe  softmax top-k (renormalised or not), no shared expert,
+             per-head q/k RMSNorm (required: Qwen3-MoE always has it);
+             `attention_bias` gives q/k/v AND o_proj biases, so a model
+             with q/k/v biases only gets a zero o_proj bias
+  olmoe      as qwen3_moe, but q/k RMSNorm over the whole q / k projection
+             (qk_norm='full', required), which needs head_dim =
+             d_model / num_heads (OLMoE's q_norm is hidden_size wide)
+  glm4_moe   the sigmoid + bias + shared family: `deepseek_v3` (selection
+             bias -> mlp.gate.e_score_correction_bias from 'router_state',
+             n_group, topk_group, routed_scaling_factor, norm_topk_prob) and
+             `sigmoid` (zero bias, n_group = topk_group = 1, scaling 1;
+             renormalised or not: Glm4MoeTopkRouter's norm_topk_prob=false
+             weights are the bare σ(z) of the top k, which is our
+             un-renormalised sigmoid exactly). GQA with q/k/v biases and no
+             o_proj bias, optional per-head q/k norm (use_qk_norm), partial
+             RoPE (partial_rotary_factor = rope_fraction). Shared experts
+             are ungated: one MLP `mlp.shared_experts.*` of width
+             n_shared_experts · moe_intermediate_size, our mix 'add' as is;
+             'half' (upcycled) is 0.5 (routed + shared) while Glm4Moe adds
+             them, so both the routed and the shared down projections are
+             halved. No shared expert: n_shared_experts = 0 and empty
+             shared tensors, as save_pretrained writes them.
 
 A router or layout the chosen class cannot hold exactly is refused, naming
-the classes that can. The directory is written whole or not at all (a
-temporary directory renamed at the end).
+the classes that can hold the router. So is what no class holds: a router
+bias (router_init='torch_default'), a capacity factor (the classes are
+dropless), DropTop and LibMoE parity flags. The directory is written whole
+or not at all (a temporary directory renamed at the end).
 
 Dimension legend: D model width, H heads, K kv heads, Dh head width, I MLP
 width, E experts, F expert width.
@@ -38,16 +64,27 @@ from tqdm import tqdm
 
 from moe_jax.convert import safetensors_io
 
-TARGETS = ('dense', 'mixtral', 'qwen2_moe')
+TARGETS = ('dense', 'mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe', 'glm4_moe')
+# MoE target -> (model_type, architecture, name in messages).
+MOE_CLASSES = {
+    'mixtral': ('mixtral', 'MixtralForCausalLM', 'Mixtral'),
+    'qwen2_moe': ('qwen2_moe', 'Qwen2MoeForCausalLM', 'Qwen2-MoE'),
+    'qwen3_moe': ('qwen3_moe', 'Qwen3MoeForCausalLM', 'Qwen3-MoE'),
+    'olmoe': ('olmoe', 'OlmoeForCausalLM', 'OLMoE'),
+    'glm4_moe': ('glm4_moe', 'Glm4MoeForCausalLM', 'Glm4Moe'),
+}
 # moe_jax router -> the stock HF classes that hold it exactly (§5.1).
 HOLDERS = {
     'smoe': ('mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe'),
-    'deepseek_v2': ('qwen2_moe',),
-    'sigmoid': ('glm4_moe (renormalised sigmoid, zero bias)',),
+    'deepseek_v2': ('qwen2_moe', 'qwen3_moe and olmoe (without a shared '
+                    'expert)'),
+    'sigmoid': ('glm4_moe (zero bias, renormalised or not)',),
     'deepseek_v3': ('glm4_moe',),
 }
 TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json',
                    'special_tokens_map.json', 'tokenizer.model')
+# Attention biases each projection has under our attention_bias.
+_BIASED = {'none': (), 'qkv': ('q', 'k', 'v'), 'all': ('q', 'k', 'v', 'o')}
 
 
 class ExportError(ValueError):
@@ -73,64 +110,140 @@ def _refuse(ok: bool, what: str, target: str, router: str | None) -> None:
   raise ExportError(f'--to={target}: {what}; {hint}')
 
 
+def _rotated_dims(kwargs: Mapping[str, Any]) -> tuple[int, int]:
+  """(moe_jax's rotated dims per head, Glm4Moe's int(Dh · factor))."""
+  dh, fraction = kwargs['head_dim'], kwargs.get('rope_fraction', 0.5)
+  return 2 * int(dh * fraction // 2), int(dh * fraction)
+
+
+def _shared_width(ffn: Mapping[str, Any]) -> int:
+  """Width of the merged shared MLP (0 without shared experts)."""
+  return ffn.get('shared_experts', 0) * (ffn.get('shared_width') or
+                                         ffn['expert_width'])
+
+
+def _check_routing(kwargs: Mapping[str, Any], target: str, refuse) -> None:
+  """The router, its options and the shared experts of an MoE target."""
+  ffn = kwargs['ffn']
+  router = ffn['router']
+  options = dict(ffn.get('router_options') or {})
+  shared = ffn.get('shared_experts', 0)
+  name = MOE_CLASSES[target][2]
+  if target == 'mixtral':
+    refuse(router == 'smoe' and options.get('normalize_topk', True),
+           'Mixtral routes softmax top-k, renormalised')
+    refuse(not shared, 'Mixtral has no shared expert')
+  elif target == 'qwen2_moe':
+    refuse(router in ('smoe', 'deepseek_v2'),
+           'Qwen2-MoE routes softmax top-k')
+    refuse(shared <= 1, 'Qwen2-MoE has one shared expert')
+  elif target in ('qwen3_moe', 'olmoe'):
+    refuse(router in ('smoe', 'deepseek_v2'), f'{name} routes softmax top-k')
+    refuse(not shared, f'{name} has no shared expert')
+  else:
+    refuse(router in ('sigmoid', 'deepseek_v3'), 'Glm4Moe routes sigmoid '
+           'top-k with a selection bias (DeepSeek-V3)')
+    # Its router sums each group's top-2 scores, even with one group.
+    refuse(ffn['num_experts'] >= 2, 'Glm4Moe routes over >= 2 experts')
+    refuse(not shared or ffn.get('shared_mix', 'add') in ('add', 'half'),
+           "Glm4Moe's shared experts are ungated (shared_mix 'add' or "
+           "'half', not 'sigmoid_gate')")
+    refuse(_shared_width(ffn) % ffn['expert_width'] == 0,
+           f'Glm4Moe shared experts are n_shared_experts x '
+           f"moe_intermediate_size={ffn['expert_width']} wide, the model's "
+           f'{_shared_width(ffn)}')
+
+
+def _check_attention(kwargs: Mapping[str, Any], target: str, refuse) -> None:
+  """Biases, q/k norms and RoPE of an MoE target."""
+  bias = kwargs.get('attention_bias', 'none')
+  qk_norm = kwargs.get('qk_norm', 'none')
+  if target == 'mixtral':
+    refuse(bias == 'none', 'Mixtral attention has no biases')
+  elif target in ('qwen2_moe', 'glm4_moe'):
+    refuse(bias in ('none', 'qkv'), f'{MOE_CLASSES[target][2]} has q/k/v '
+           'biases and no output bias')
+  if target in ('mixtral', 'qwen2_moe'):
+    refuse(qk_norm == 'none', 'q/k norms have no key in this class')
+  elif target == 'qwen3_moe':
+    # A norm with unit scale still normalises: it cannot be filled in.
+    refuse(qk_norm == 'per_head', 'Qwen3-MoE normalises q and k per head '
+           f'(qk_norm=per_head), the model has qk_norm={qk_norm}')
+  elif target == 'olmoe':
+    refuse(qk_norm == 'full', 'OLMoE normalises q and k over the whole '
+           f'projection (qk_norm=full), the model has qk_norm={qk_norm}')
+    refuse(kwargs['head_dim'] * kwargs['num_heads'] == kwargs['d_model'],
+           f"OLMoE's q_norm is hidden_size={kwargs['d_model']} wide, the "
+           f"model's q is num_heads x head_dim = {kwargs['num_heads']} x "
+           f"{kwargs['head_dim']}")
+  else:
+    refuse(qk_norm in ('none', 'per_head'), 'Glm4Moe normalises q and k per '
+           'head (use_qk_norm) or not at all')
+  if target == 'glm4_moe':
+    ours, theirs = _rotated_dims(kwargs)
+    refuse(0 < kwargs.get('rope_fraction', 0.5) <= 1 and ours == theirs,
+           f'Glm4Moe rotates int(head_dim x partial_rotary_factor) = {theirs}'
+           f' dims per head, the model {ours}')
+  else:
+    refuse(kwargs.get('rope_fraction') == 1.0,
+           f"RoPE rotates a fraction {kwargs.get('rope_fraction')} of each "
+           'head; Llama-family targets rotate all of it')
+
+
 def check_exportable(kwargs: Mapping[str, Any], target: str) -> None:
   """Raises ExportError naming what `target` cannot hold."""
   if target not in TARGETS:
     raise ExportError(f'--to: expected one of {TARGETS}, got {target!r}')
   ffn = kwargs['ffn']
   router = None if kwargs.get('dense_ffn') else ffn['router']
-  _refuse(kwargs.get('norm') == 'rmsnorm', 'the model uses LayerNorm '
-          '(LibMoE LM stack), every target uses RMSNorm', target, router)
-  _refuse(kwargs.get('kv_projection') == 'separate' and
-          not kwargs.get('output_bias', True),
-          "LibMoE's fused K/V projection or output bias has no HF key",
-          target, router)
-  _refuse(kwargs.get('rope_fraction') == 1.0,
-          f"RoPE rotates a fraction {kwargs.get('rope_fraction')} of each "
-          'head; Llama-family targets rotate all of it', target, router)
-  _refuse(ffn.get('activation') == 'swiglu' and
-          not ffn.get('use_bias', ffn.get('expert_bias', False)),
-          'only bias-free SwiGLU MLPs / experts have HF keys here', target,
-          router)
+  refuse = lambda ok, what: _refuse(ok, what, target, router)
+  refuse(kwargs.get('norm') == 'rmsnorm', 'the model uses LayerNorm '
+         '(LibMoE LM stack), every target uses RMSNorm')
+  refuse(kwargs.get('kv_projection') == 'separate' and
+         not kwargs.get('output_bias', True),
+         "LibMoE's fused K/V projection or output bias has no HF key")
+  refuse(ffn.get('activation') == 'swiglu' and
+         not ffn.get('use_bias', ffn.get('expert_bias', False)),
+         'only bias-free SwiGLU MLPs / experts have HF keys here')
   if target == 'dense':
-    _refuse(bool(kwargs.get('dense_ffn')), 'an MoE model needs an MoE '
-            'target', target, router)
+    refuse(kwargs.get('rope_fraction') == 1.0,
+           f"RoPE rotates a fraction {kwargs.get('rope_fraction')} of each "
+           'head; Llama-family targets rotate all of it')
+    refuse(bool(kwargs.get('dense_ffn')), 'an MoE model needs an MoE '
+           'target')
     return
-  _refuse(not kwargs.get('dense_ffn'), 'a dense model has no experts; use '
-          '--to=dense', target, router)
+  refuse(not kwargs.get('dense_ffn'), 'a dense model has no experts; use '
+         '--to=dense')
   options = dict(ffn.get('router_options') or {})
-  _refuse(not options.get('drop_top') and not any(
-      (options.get('parity') or {}).values()),
-          'DropTop and LibMoE parity flags change the routing', target,
-          router)
-  _refuse(kwargs.get('qk_norm', 'none') == 'none', 'q/k norms have no key '
-          'in this class', target, router)
-  if target == 'mixtral':
-    _refuse(router == 'smoe' and options.get('normalize_topk', True),
-            'Mixtral routes softmax top-k, renormalised', target, router)
-    _refuse(not ffn.get('shared_experts'), 'Mixtral has no shared expert',
-            target, router)
-    _refuse(kwargs.get('attention_bias', 'none') == 'none',
-            'Mixtral attention has no biases', target, router)
-  if target == 'qwen2_moe':
-    _refuse(router in ('smoe', 'deepseek_v2'),
-            'Qwen2-MoE routes softmax top-k', target, router)
-    _refuse(ffn.get('shared_experts', 0) <= 1,
-            'Qwen2-MoE has one shared expert', target, router)
-    _refuse(kwargs.get('attention_bias', 'none') in ('none', 'qkv'),
-            'Qwen2-MoE has q/k/v biases and no output bias', target, router)
+  refuse(not options.get('drop_top') and
+         not any((options.get('parity') or {}).values()),
+         'DropTop and LibMoE parity flags change the routing')
+  refuse(options.get('router_init', 'normal') != 'torch_default',
+         "router_init='torch_default' gives the router a bias, which no "
+         'class has')
+  refuse(ffn.get('capacity_factor') is None, 'a capacity factor drops '
+         'tokens; the Hugging Face classes are dropless')
+  # The router first: its refusal names the classes that can hold it.
+  _check_routing(kwargs, target, refuse)
+  _check_attention(kwargs, target, refuse)
 
 
-def _rope_fields(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+def _rope_fields(kwargs: Mapping[str, Any],
+                 partial: bool = False) -> dict[str, Any]:
   scaling = dict(kwargs.get('rope_scaling') or {})
   params = {'rope_theta': kwargs.get('rope_theta', 10000.0),
             'rope_type': scaling.get('rope_type', 'default'), **scaling}
-  return {'rope_parameters': params, 'rope_theta': params['rope_theta'],
-          'rope_scaling': scaling or None}
+  out = {}
+  if partial:
+    # Glm4Moe reads it from rope_parameters; older code from the top level.
+    params['partial_rotary_factor'] = float(kwargs.get('rope_fraction', 0.5))
+    out['partial_rotary_factor'] = params['partial_rotary_factor']
+  return {**out, 'rope_parameters': params,
+          'rope_theta': params['rope_theta'], 'rope_scaling': scaling or None}
 
 
-def _common_config(kwargs: Mapping[str, Any],
-                   extra: Mapping[str, Any]) -> dict[str, Any]:
+def _common_config(kwargs: Mapping[str, Any], extra: Mapping[str, Any],
+                   partial_rope: bool = False) -> dict[str, Any]:
   config = {
       'vocab_size': kwargs['vocab_size'], 'hidden_size': kwargs['d_model'],
       'num_hidden_layers': kwargs['num_layers'],
@@ -140,7 +253,8 @@ def _common_config(kwargs: Mapping[str, Any],
       'rms_norm_eps': kwargs.get('norm_eps', 1e-6),
       'tie_word_embeddings': bool(kwargs.get('tie_embeddings')),
       'max_position_embeddings': 4096, 'initializer_range': 0.02,
-      'use_cache': True, 'dtype': 'float32', **_rope_fields(kwargs)}
+      'use_cache': True, 'dtype': 'float32',
+      **_rope_fields(kwargs, partial_rope)}
   config.update(extra)
   return config
 
@@ -152,6 +266,20 @@ def dense_architecture(kwargs: Mapping[str, Any]) -> tuple[str, str]:
   if kwargs.get('attention_bias') == 'qkv':
     return 'qwen2', 'Qwen2ForCausalLM'
   return 'llama', 'LlamaForCausalLM'
+
+
+def _glm4_routing(ffn: Mapping[str, Any]) -> dict[str, Any]:
+  """Glm4Moe router fields: the deepseek_v3 options, or sigmoid's."""
+  options = dict(ffn.get('router_options') or {})
+  v3 = ffn['router'] == 'deepseek_v3'
+  n_group = int(options.get('n_group', 1)) if v3 else 1
+  return dict(
+      n_group=max(n_group, 1),
+      # One group: every expert is kept, whatever topk_group says.
+      topk_group=int(options.get('topk_group', 1)) if n_group > 1 else 1,
+      routed_scaling_factor=(float(options.get('routed_scaling_factor', 1.0))
+                             if v3 else 1.0),
+      norm_topk_prob=bool(options.get('normalize_topk', True)))
 
 
 def hf_config(kwargs: Mapping[str, Any], target: str,
@@ -169,41 +297,84 @@ def hf_config(kwargs: Mapping[str, Any], target: str,
                    mlp_bias=False)
     if model_type == 'qwen3':
       extra.update(attention_bias=kwargs.get('attention_bias') == 'all')
-  elif target == 'mixtral':
-    model_type, arch = 'mixtral', 'MixtralForCausalLM'
+    return _common_config(kwargs, dict(extra, model_type=model_type,
+                                       architectures=[arch]))
+  model_type, arch, _ = MOE_CLASSES[target]
+  options = dict(ffn.get('router_options') or {})
+  norm_topk = bool(options.get('normalize_topk', True))
+  # Qwen3-MoE / OLMoE: one flag for q/k/v and o biases (zeros fill the gap).
+  any_bias = kwargs.get('attention_bias', 'none') != 'none'
+  experts = dict(num_experts=ffn['num_experts'],
+                 num_experts_per_tok=ffn['top_k'], output_router_logits=False)
+  if target == 'mixtral':
     extra.update(num_local_experts=ffn['num_experts'],
                  num_experts_per_tok=ffn['top_k'],
                  intermediate_size=ffn['expert_width'],
                  router_jitter_noise=0.0, sliding_window=None,
                  output_router_logits=False)
-  else:
-    model_type, arch = 'qwen2_moe', 'Qwen2MoeForCausalLM'
-    options = dict(ffn.get('router_options') or {})
+  elif target == 'qwen2_moe':
     shared = ffn.get('shared_width') or ffn['expert_width']
-    extra.update(num_experts=ffn['num_experts'],
-                 num_experts_per_tok=ffn['top_k'],
-                 moe_intermediate_size=ffn['expert_width'],
+    extra.update(experts, moe_intermediate_size=ffn['expert_width'],
                  intermediate_size=ffn['expert_width'],
                  shared_expert_intermediate_size=(
                      shared * max(ffn.get('shared_experts', 0), 1)),
-                 norm_topk_prob=bool(options.get('normalize_topk', True)),
-                 decoder_sparse_step=1, mlp_only_layers=[],
-                 use_sliding_window=False, output_router_logits=False)
+                 norm_topk_prob=norm_topk, decoder_sparse_step=1,
+                 mlp_only_layers=[], use_sliding_window=False)
+  elif target == 'qwen3_moe':
+    extra.update(experts, moe_intermediate_size=ffn['expert_width'],
+                 intermediate_size=ffn['expert_width'],
+                 norm_topk_prob=norm_topk, decoder_sparse_step=1,
+                 mlp_only_layers=[], use_sliding_window=False,
+                 sliding_window=None, attention_bias=any_bias)
+  elif target == 'olmoe':
+    # OlmoeConfig's token-id defaults are OLMoE's tokenizer's (eos 50279):
+    # without a base config the model has none.
+    for key in ('bos_token_id', 'eos_token_id', 'pad_token_id'):
+      extra.setdefault(key, None)
+    extra.update(experts, intermediate_size=ffn['expert_width'],
+                 norm_topk_prob=norm_topk, attention_bias=any_bias,
+                 clip_qkv=None)
+  else:
+    extra.update(
+        n_routed_experts=ffn['num_experts'], num_experts_per_tok=ffn['top_k'],
+        moe_intermediate_size=ffn['expert_width'],
+        # The dense-MLP width of first_k_dense_replace layers (there are
+        # none).
+        intermediate_size=ffn['expert_width'],
+        n_shared_experts=_shared_width(ffn) // ffn['expert_width'],
+        first_k_dense_replace=0, **_glm4_routing(ffn),
+        use_qk_norm=kwargs.get('qk_norm', 'none') == 'per_head',
+        attention_bias=kwargs.get('attention_bias', 'none') == 'qkv',
+        num_nextn_predict_layers=0, output_router_logits=False)
   return _common_config(kwargs, dict(extra, model_type=model_type,
-                                     architectures=[arch]))
+                                     architectures=[arch]),
+                        partial_rope=target == 'glm4_moe')
 
 
-def _attention(pre: str, att: Mapping, kwargs: Mapping[str, Any],
-               zero_qkv_bias: bool) -> dict[str, np.ndarray]:
+def _zero_biases(kwargs: Mapping[str, Any], target: str) -> tuple[str, ...]:
+  """Projections whose bias the class has and the model lacks (zeros)."""
+  bias = kwargs.get('attention_bias', 'none')
+  if target == 'qwen2_moe':
+    want = _BIASED['qkv']
+  elif target in ('qwen3_moe', 'olmoe') and bias != 'none':
+    want = _BIASED['all']
+  else:
+    want = _BIASED[bias]
+  return tuple(n for n in want if n not in _BIASED[bias])
+
+
+def _attention(pre: str, att: Mapping,
+               zero_bias: tuple[str, ...]) -> dict[str, np.ndarray]:
   out = {}
   for flax_name, name in (('query', 'q'), ('key', 'k'), ('value', 'v'),
                           ('out', 'o')):
     out[f'{pre}self_attn.{name}_proj.weight'] = _torch(att[flax_name]['kernel'])
     if 'bias' in att[flax_name]:
       out[f'{pre}self_attn.{name}_proj.bias'] = _np(att[flax_name]['bias'])
-    elif zero_qkv_bias and name != 'o':
+    elif name in zero_bias:
       width = np.shape(att[flax_name]['kernel'])[1]
       out[f'{pre}self_attn.{name}_proj.bias'] = np.zeros((width,), np.float32)
+  # Per head (Dh,) or over the whole projection (H·Dh,), (K·Dh,) (OLMoE).
   for norm in ('q_norm', 'k_norm'):
     if norm in att:
       out[f'{pre}self_attn.{norm}.weight'] = _np(att[norm]['scale'])
@@ -218,35 +389,9 @@ def _swiglu(w_in, w_out) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
           np.ascontiguousarray(w_in[:, f:].T), np.ascontiguousarray(w_out.T))
 
 
-def _layer_ffn(pre: str, layer: Mapping, kwargs: Mapping[str, Any],
-               target: str) -> dict[str, np.ndarray]:
-  out = {}
-  if target == 'dense':
-    gate, up, down = _swiglu(layer['ffn']['ffn']['w_in'],
-                             layer['ffn']['ffn']['w_out'])
-    return {f'{pre}mlp.gate_proj.weight': gate,
-            f'{pre}mlp.up_proj.weight': up, f'{pre}mlp.down_proj.weight': down}
-  ffn, moe = kwargs['ffn'], layer['moe']
-  router_w = _torch(moe['router']['router']['w'])              # [E, D]
-  experts_in, experts_out = moe['experts']['w_in'], moe['experts']['w_out']
-  if target == 'mixtral':
-    out[f'{pre}block_sparse_moe.gate.weight'] = router_w
-    for e in range(ffn['num_experts']):
-      gate, up, down = _swiglu(experts_in[e], experts_out[e])
-      base = f'{pre}block_sparse_moe.experts.{e}.'
-      out.update({base + 'w1.weight': gate, base + 'w3.weight': up,
-                  base + 'w2.weight': down})
-    return out
-  # Qwen2-MoE: out = Σ w routed + σ(x g) shared.
-  half = ffn.get('shared_mix') == 'half' and ffn.get('shared_experts')
-  out[f'{pre}mlp.gate.weight'] = router_w
-  for e in range(ffn['num_experts']):
-    gate, up, down = _swiglu(experts_in[e], experts_out[e])
-    base = f'{pre}mlp.experts.{e}.'
-    # 'half' mixes 0.5 routed: fold the 0.5 into each expert's output.
-    out.update({base + 'gate_proj.weight': gate, base + 'up_proj.weight': up,
-                base + 'down_proj.weight': down * 0.5 if half else down})
-  d = kwargs['d_model']
+def _qwen2_shared(mlp: str, moe: Mapping, ffn: Mapping[str, Any], d: int,
+                  half: bool) -> dict[str, np.ndarray]:
+  """Qwen2-MoE's shared expert and its gate: out += σ(x g) shared(x)."""
   if ffn.get('shared_experts'):
     gate, up, down = _swiglu(moe['shared']['w_in'], moe['shared']['w_out'])
     if 'shared_gate' in moe:
@@ -265,37 +410,114 @@ def _layer_ffn(pre: str, layer: Mapping, kwargs: Mapping[str, Any],
     up = np.zeros((width, d), np.float32)
     down = np.zeros((d, width), np.float32)
     gate_w = np.zeros((1, d), np.float32)
-  out.update({f'{pre}mlp.shared_expert.gate_proj.weight': gate,
-              f'{pre}mlp.shared_expert.up_proj.weight': up,
-              f'{pre}mlp.shared_expert.down_proj.weight': down,
-              f'{pre}mlp.shared_expert_gate.weight': gate_w})
+  return {f'{mlp}shared_expert.gate_proj.weight': gate,
+          f'{mlp}shared_expert.up_proj.weight': up,
+          f'{mlp}shared_expert.down_proj.weight': down,
+          f'{mlp}shared_expert_gate.weight': gate_w}
+
+
+def _glm4_shared(mlp: str, moe: Mapping, ffn: Mapping[str, Any], d: int,
+                 half: bool) -> dict[str, np.ndarray]:
+  """Glm4Moe's ungated shared MLP (n_shared · I wide; empty without one)."""
+  if ffn.get('shared_experts'):
+    gate, up, down = _swiglu(moe['shared']['w_in'], moe['shared']['w_out'])
+    if half:
+      down = down * 0.5
+  else:
+    gate, up = np.zeros((0, d), np.float32), np.zeros((0, d), np.float32)
+    down = np.zeros((d, 0), np.float32)
+  return {f'{mlp}shared_experts.gate_proj.weight': gate,
+          f'{mlp}shared_experts.up_proj.weight': up,
+          f'{mlp}shared_experts.down_proj.weight': down}
+
+
+def _selection_bias(ffn: Mapping[str, Any], layer_state,
+                    layer: str) -> np.ndarray:
+  """e_score_correction_bias [E]: deepseek_v3's state, zero for sigmoid."""
+  if ffn['router'] != 'deepseek_v3':
+    return np.zeros((ffn['num_experts'],), np.float32)
+  try:
+    bias = layer_state['moe']['router']['router']['bias']
+  except (KeyError, TypeError):
+    raise ExportError(f"router_state has no {layer}/moe/router/router/bias: "
+                      'the deepseek_v3 selection bias is exported as '
+                      'e_score_correction_bias (pass the run\'s '
+                      "'router_state' collection)") from None
+  return _np(bias)
+
+
+def _layer_ffn(pre: str, layer: Mapping, kwargs: Mapping[str, Any],
+               target: str, layer_state=None,
+               name: str = '') -> dict[str, np.ndarray]:
+  if target == 'dense':
+    gate, up, down = _swiglu(layer['ffn']['ffn']['w_in'],
+                             layer['ffn']['ffn']['w_out'])
+    return {f'{pre}mlp.gate_proj.weight': gate,
+            f'{pre}mlp.up_proj.weight': up, f'{pre}mlp.down_proj.weight': down}
+  ffn, moe = kwargs['ffn'], layer['moe']
+  mixtral = target == 'mixtral'
+  mlp = pre + ('block_sparse_moe.' if mixtral else 'mlp.')
+  names = (('w1', 'w3', 'w2') if mixtral else
+           ('gate_proj', 'up_proj', 'down_proj'))
+  # 'half' is 0.5 (routed + shared) and the classes add the two: the 0.5
+  # goes into the down projections (Qwen2-MoE's gate carries the shared
+  # one).
+  half = bool(ffn.get('shared_mix') == 'half' and ffn.get('shared_experts'))
+  out = {mlp + 'gate.weight': _torch(moe['router']['router']['w'])}  # [E, D]
+  if target == 'glm4_moe':
+    out[mlp + 'gate.e_score_correction_bias'] = _selection_bias(
+        ffn, layer_state, name)
+  experts_in, experts_out = moe['experts']['w_in'], moe['experts']['w_out']
+  for e in range(ffn['num_experts']):
+    gate, up, down = _swiglu(experts_in[e], experts_out[e])
+    base = f'{mlp}experts.{e}.'
+    out.update({base + names[0] + '.weight': gate,
+                base + names[1] + '.weight': up,
+                base + names[2] + '.weight': down * 0.5 if half else down})
+  if target == 'qwen2_moe':
+    out.update(_qwen2_shared(mlp, moe, ffn, kwargs['d_model'], half))
+  elif target == 'glm4_moe':
+    out.update(_glm4_shared(mlp, moe, ffn, kwargs['d_model'], half))
   return out
 
 
-def hf_tensors(kwargs: Mapping[str, Any], params: Mapping, target: str):
+def hf_tensors(kwargs: Mapping[str, Any], params: Mapping, target: str,
+               router_state: Mapping | None = None):
   """Yields (HF key, torch-layout array), one layer at a time."""
-  zero_bias = target == 'qwen2_moe'
+  zero_bias = _zero_biases(kwargs, target)
   yield 'model.embed_tokens.weight', _np(params['embedding'])
   for i in range(kwargs['num_layers']):
-    layer, pre = params[f'layer_{i}'], f'model.layers.{i}.'
+    name, pre = f'layer_{i}', f'model.layers.{i}.'
+    layer = params[name]
     tensors = {f'{pre}input_layernorm.weight': _np(layer['ln1']['scale']),
                f'{pre}post_attention_layernorm.weight':
                    _np(layer['ln2']['scale'])}
-    tensors.update(_attention(pre, layer['attention'], kwargs, zero_bias))
-    tensors.update(_layer_ffn(pre, layer, kwargs, target))
+    tensors.update(_attention(pre, layer['attention'], zero_bias))
+    tensors.update(_layer_ffn(pre, layer, kwargs, target,
+                              (router_state or {}).get(name), name))
     yield from tensors.items()
   yield 'model.norm.weight', _np(params['ln_final']['scale'])
   if not kwargs.get('tie_embeddings'):
     yield 'lm_head.weight', _torch(params['output']['kernel'])
 
 
-def _check_router_state(kwargs: Mapping[str, Any], router_state) -> None:
-  """Stateful routers (a DeepSeek-V3 bias) need a class with a bias key."""
+def _check_router_state(kwargs: Mapping[str, Any], router_state,
+                        target: str) -> None:
+  """Router state other than Glm4Moe's selection bias has no key."""
+  ffn = kwargs['ffn']
+  if target == 'glm4_moe':
+    if ffn['router'] == 'deepseek_v3':
+      for i in range(kwargs['num_layers']):
+        bias = _selection_bias(ffn, (router_state or {}).get(f'layer_{i}'),
+                               f'layer_{i}')
+        if bias.shape != (ffn['num_experts'],):
+          raise ExportError(f'layer_{i} selection bias has shape '
+                            f"{bias.shape}, expected ({ffn['num_experts']},)")
+    return
   if router_state and any(np.any(np.asarray(v) != 0) for v in
                           _leaves(router_state)):
-    raise ExportError('the router state (a learnt selection bias) has no key '
-                      'in this class; ' + ', '.join(HOLDERS.get(
-                          kwargs['ffn'].get('router', ''), ())))
+    _refuse(False, 'the router state (a learnt selection bias) has no key '
+            'in this class', target, ffn.get('router'))
 
 
 def _leaves(tree):
@@ -311,10 +533,23 @@ def export_hf(kwargs: Mapping[str, Any], params: Mapping, router_state,
               base_config: Mapping[str, Any] | None = None,
               max_shard_bytes: int = 5 * 2**30, progress: bool = True
               ) -> str:
-  """Writes the HF directory `out_dir` (must not exist); returns it."""
+  """Writes the HF directory `out_dir` (must not exist); returns it.
+
+  Args:
+    kwargs: TransformerLM keyword arguments of the model.
+    params: its 'params' collection.
+    router_state: its 'router_state' collection ({} when the router keeps
+      none); glm4_moe writes a deepseek_v3 router's selection bias from it.
+    to: one of TARGETS.
+    out_dir: the directory to create.
+    tokenizer_dir: a directory whose tokenizer files are copied, or None.
+    base_config: config.json fields carried over (token ids, context).
+    max_shard_bytes: the most tensor bytes per safetensors shard.
+    progress: show a progress bar.
+  """
   check_exportable(kwargs, to)
   if not kwargs.get('dense_ffn'):
-    _check_router_state(kwargs, router_state)
+    _check_router_state(kwargs, router_state, to)
   if os.path.exists(out_dir):
     raise FileExistsError(f'{out_dir} exists; export writes a new directory')
   parent = os.path.dirname(os.path.abspath(out_dir))
@@ -325,14 +560,16 @@ def export_hf(kwargs: Mapping[str, Any], params: Mapping, router_state,
     with open(os.path.join(staging, 'config.json'), 'w') as f:
       json.dump(config, f, indent=2, sort_keys=True)
     generation = {k: config[k] for k in ('bos_token_id', 'eos_token_id',
-                                         'pad_token_id') if k in config}
+                                         'pad_token_id')
+                  if config.get(k) is not None}
     with open(os.path.join(staging, 'generation_config.json'), 'w') as f:
       json.dump({'_from_model_config': True, **generation}, f, indent=2)
     writer = safetensors_io.ShardedWriter(staging,
                                           max_shard_bytes=max_shard_bytes)
     with writer:
-      for key, array in tqdm(hf_tensors(kwargs, params, to), desc='export',
-                             unit='tensor', disable=not progress):
+      for key, array in tqdm(hf_tensors(kwargs, params, to, router_state),
+                             desc='export', unit='tensor',
+                             disable=not progress):
         writer.add(key, array)
     for name in TOKENIZER_FILES:
       if tokenizer_dir and os.path.isfile(os.path.join(tokenizer_dir, name)):
