@@ -5,7 +5,9 @@ Layout: `<workdir>/checkpoints/<step>/{state,data,checksums.json}`; `state` is
 the train state (params, optimiser, router state, step), `data` the grain
 iterator state as JSON, so a resumed run reads exactly the batches an
 uninterrupted run would; `checksums.json` holds the sha256 of every other file
-of the step.
+of the step. A state that has seen no data (a model imported by
+`python -m moe_jax.convert`) is saved without `data`; it restores with
+iterator state None, i.e. a fresh iterator.
 
 Safety:
   * orbax writes each step into a temporary directory and renames it when
@@ -290,9 +292,11 @@ class Checkpointer:
     steps = self.all_steps()
     return steps[-1] if steps else None
 
-  def save(self, step: int, state: Any, data_state: dict,
+  def save(self, step: int, state: Any, data_state: dict | None,
            valid_loss: float | None = None) -> None:
     """Starts an asynchronous save of `state` and the iterator state.
+
+    `data_state` None (no data read yet) saves no `data` item.
 
     Raises:
       CheckpointSaveError: this save cannot start (the directory is not
@@ -304,10 +308,11 @@ class Checkpointer:
     self._check_writable(step)
     metrics = None if valid_loss is None else {VALID_METRIC: valid_loss}
     try:
-      saved = self._manager.save(
-          step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                        data=ocp.args.JsonSave(data_state)),
-          metrics=metrics)
+      items = {'state': ocp.args.StandardSave(state)}
+      if data_state is not None:
+        items['data'] = ocp.args.JsonSave(data_state)
+      saved = self._manager.save(step, args=ocp.args.Composite(**items),
+                                 metrics=metrics)
     except Exception as e:  # pylint: disable=broad-except
       raise self._save_failed(step, e) from None
     if not saved:
@@ -319,8 +324,11 @@ class Checkpointer:
     if not self._asynchronous:
       self._finish_saves()
 
-  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+  def restore(self, step: int, abstract_state: Any
+              ) -> tuple[Any, dict | None]:
     """(state, iterator state) of `step`; `abstract_state` gives shardings.
+
+    The iterator state is None for a checkpoint saved without one.
 
     Raises:
       CheckpointCorrupt: a file differs from its recorded checksum.
@@ -335,14 +343,17 @@ class Checkpointer:
                                    abstract_state)
     if differences:
       raise CheckpointMismatch(self.directory, step, differences)
-    restored = self._manager.restore(
-        step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
-            data=ocp.args.JsonRestore()))
-    return restored['state'], restored['data']
+    items = {'state': ocp.args.StandardRestore(abstract_state)}
+    # orbax raises for an item the step does not hold.
+    has_data = os.path.isdir(os.path.join(self._step_dir(step), 'data'))
+    if has_data:
+      items['data'] = ocp.args.JsonRestore()
+    restored = self._manager.restore(step,
+                                     args=ocp.args.Composite(**items))
+    return restored['state'], restored['data'] if has_data else None
 
   def restore_latest(self, abstract_state: Any
-                     ) -> tuple[int, Any, dict] | None:
+                     ) -> tuple[int, Any, dict | None] | None:
     """The newest checkpoint that restores, or None if there is none.
 
     A checkpoint that fails to restore is renamed aside (see module

@@ -70,6 +70,9 @@ def mismatch_error(config: ConfigDict, workdir: str, step: int,
   that differ between the checkpoint and the config's model."""
   saved = run_log.read_saved_config(workdir)
   changed = run_log.changed_fields(saved, config) if saved else {}
+  # Fields both configs have first: fields that newer code added (absent
+  # from an older config.json) are rarely what the user changed.
+  changed = dict(sorted(changed.items(), key=lambda kv: kv[1][0] is None))
   lines = [f'{workdir}: checkpoint {step} does not match this config, so it '
            f'cannot {what} it.']
   if changed:
