@@ -11,6 +11,7 @@ Targets:
 
   dense      Llama, Qwen2 or Qwen3 by the attention (q/k/v biases ->
              Qwen2, per-head q/k norm -> Qwen3, otherwise Llama)
+  phi3       Phi-3: fused qkv_proj and gate_up_proj, partial rotary factor
   mixtral    softmax top-k renormalised (`smoe`), no shared expert, no
              attention biases, no q/k norms
   qwen2_moe  softmax top-k (renormalised or not) with q/k/v biases (zeros
@@ -64,7 +65,11 @@ from tqdm import tqdm
 
 from moe_jax.convert import safetensors_io
 
-TARGETS = ('dense', 'mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe', 'glm4_moe')
+TARGETS = ('dense', 'phi3', 'mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe',
+           'glm4_moe')
+# Dense targets: 'dense' picks Llama / Qwen2 / Qwen3 by the attention;
+# 'phi3' writes Phi-3's fused qkv_proj and gate_up_proj.
+DENSE_TARGETS = ('dense', 'phi3')
 # MoE target -> (model_type, architecture, name in messages).
 MOE_CLASSES = {
     'mixtral': ('mixtral', 'MixtralForCausalLM', 'Mixtral'),
@@ -205,6 +210,13 @@ def check_exportable(kwargs: Mapping[str, Any], target: str) -> None:
   refuse(ffn.get('activation') == 'swiglu' and
          not ffn.get('use_bias', ffn.get('expert_bias', False)),
          'only bias-free SwiGLU MLPs / experts have HF keys here')
+  if target == 'phi3':
+    refuse(bool(kwargs.get('dense_ffn')), 'an MoE model needs an MoE '
+           'target')
+    refuse(kwargs.get('attention_bias', 'none') == 'none' and
+           kwargs.get('qk_norm', 'none') == 'none',
+           'Phi-3 attention has no biases and no q/k norm')
+    return
   if target == 'dense':
     refuse(kwargs.get('rope_fraction') == 1.0,
            f"RoPE rotates a fraction {kwargs.get('rope_fraction')} of each "
@@ -289,6 +301,15 @@ def hf_config(kwargs: Mapping[str, Any], target: str,
            if k in ('bos_token_id', 'eos_token_id', 'pad_token_id',
                     'max_position_embeddings')}
   ffn = kwargs['ffn']
+  if target == 'phi3':
+    extra.update(intermediate_size=ffn['width'],
+                 partial_rotary_factor=kwargs.get('rope_fraction', 1.0))
+    extra.setdefault('pad_token_id', None)
+    config = _common_config(kwargs, dict(extra, model_type='phi3',
+                                         architectures=['Phi3ForCausalLM']))
+    config['rope_parameters']['partial_rotary_factor'] = kwargs.get(
+        'rope_fraction', 1.0)
+    return config
   if target == 'dense':
     model_type, arch = dense_architecture(kwargs)
     extra.update(intermediate_size=ffn['width'])
@@ -493,12 +514,30 @@ def hf_tensors(kwargs: Mapping[str, Any], params: Mapping, target: str,
                f'{pre}post_attention_layernorm.weight':
                    _np(layer['ln2']['scale'])}
     tensors.update(_attention(pre, layer['attention'], zero_bias))
-    tensors.update(_layer_ffn(pre, layer, kwargs, target,
+    tensors.update(_layer_ffn(pre, layer, kwargs,
+                              'dense' if target == 'phi3' else target,
                               (router_state or {}).get(name), name))
+    if target == 'phi3':
+      tensors = _fuse_phi3(pre, tensors)
     yield from tensors.items()
   yield 'model.norm.weight', _np(params['ln_final']['scale'])
   if not kwargs.get('tie_embeddings'):
     yield 'lm_head.weight', _torch(params['output']['kernel'])
+
+
+def _fuse_phi3(pre: str, tensors: dict[str, np.ndarray]
+               ) -> dict[str, np.ndarray]:
+  """Phi-3's layout: q/k/v rows stacked in qkv_proj, gate then up rows in
+  gate_up_proj (the split that families.py undoes on import)."""
+  out = dict(tensors)
+  att = f'{pre}self_attn.'
+  out[att + 'qkv_proj.weight'] = np.concatenate(
+      [out.pop(att + f'{n}_proj.weight') for n in ('q', 'k', 'v')], axis=0)
+  mlp = f'{pre}mlp.'
+  out[mlp + 'gate_up_proj.weight'] = np.concatenate(
+      [out.pop(mlp + 'gate_proj.weight'), out.pop(mlp + 'up_proj.weight')],
+      axis=0)
+  return out
 
 
 def _check_router_state(kwargs: Mapping[str, Any], router_state,

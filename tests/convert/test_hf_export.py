@@ -116,3 +116,20 @@ def test_routers_a_class_cannot_hold_are_refused(imported, tmp_path):
                      'biases.*qwen2_moe'):
     hf_export.export_hf(*qmoe, to='mixtral', out_dir=str(tmp_path / 'c'))
   assert not list(tmp_path.iterdir())          # nothing partial written
+
+
+def test_phi3_round_trip(tmp_path):
+  # Phi-3's fused qkv_proj and gate_up_proj: split on import, fused again.
+  _, source = hf_cases.build_hf('phi3', tmp_path)
+  _, params, kwargs = hf_import.import_hf(str(source), progress=False)
+  base = json.loads((source / 'config.json').read_text())
+  out = hf_export.export_hf(kwargs, params, {}, to='phi3',
+                            out_dir=str(tmp_path / 'out'), base_config=base,
+                            progress=False)
+  original = safetensors_io.ShardedCheckpoint(source)
+  exported = safetensors_io.ShardedCheckpoint(out)
+  assert exported.keys() == original.keys()
+  for key in original.keys():
+    np.testing.assert_array_equal(exported.get(key), original.get(key))
+  np.testing.assert_allclose(torch_logits(out), jax_logits(kwargs, params),
+                             atol=1e-4, rtol=1e-4)
