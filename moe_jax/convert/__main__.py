@@ -55,12 +55,9 @@ from moe_jax import router_recipes
 from moe_jax import run_log
 from moe_jax import state as state_lib
 from moe_jax import upcycle_experiment
-from moe_jax.convert import families
 from moe_jax.convert import hf_export
 from moe_jax.convert import hf_import
 from moe_jax.convert import init_from_hf
-from moe_jax.convert import moe_families
-from moe_jax.convert import safetensors_io
 from moe_jax.convert import tiny
 from moe_jax.convert import upcycle as upcycle_lib
 from moe_jax.data import tokenizer as tokenizer_lib
@@ -124,30 +121,10 @@ def describe(hf_dir: str) -> dict[str, Any]:
       (unsupported architecture or option, missing, unexpected or
       mis-shaped keys), after nothing is printed.
   """
-  hf = hf_import.read_hf_config(hf_dir)
-  source = os.path.join(hf_dir, 'config.json')
-  archs = hf.get('architectures') or []
-  family = moe_families.family_of(hf)
-  if family is not None:
-    kwargs = moe_families.model_kwargs(hf, family)
-    checkpoint = safetensors_io.ShardedCheckpoint(hf_dir)
-    layout = moe_families.layout_of(checkpoint.keys())
-    table = moe_families.key_table(hf, family, layout)
-    state_table = moe_families.state_table(hf, family)
-    ignore = moe_families.ignored(hf, family)
-  else:
-    if not archs or archs[0] not in families.ARCHITECTURES:
-      supported = sorted({**families.ARCHITECTURES,
-                          **moe_families.ARCHITECTURES})
-      raise ValueError(f'{source}: architectures {archs} is not one moe_jax '
-                       f'imports; supported: {supported}')
-    family = families.family_of(hf, source)
-    kwargs = families.model_kwargs(hf, family)
-    table, state_table, ignore = families.key_table(hf, family), [], None
-    checkpoint = safetensors_io.ShardedCheckpoint(hf_dir)
-  # The same check import runs, so inspect fails where import would.
-  hf_import.check_keys(checkpoint, table + state_table,
-                       tied=kwargs['tie_embeddings'], ignore=ignore)
+  plan = hf_import.plan_import(hf_dir)
+  hf, family, kwargs = plan.hf, plan.family, plan.kwargs
+  table, state_table, checkpoint = (plan.table, plan.state_table,
+                                    plan.checkpoint)
   paths: dict[str, list[str]] = {}
   for collection, entries in (('', table), ('router_state:', state_table)):
     for item in entries:
@@ -170,7 +147,7 @@ def describe(hf_dir: str) -> dict[str, Any]:
       where = ('(not read: the output layer is the tied embedding)'
                if key == 'lm_head.weight' else '(not read)')
     rows.append((key, shape, checkpoint.dtype(key).name, where))
-  return {'architecture': archs[0], 'family': family,
+  return {'architecture': hf['architectures'][0], 'family': family,
           'moe': not kwargs.get('dense_ffn'), 'kwargs': kwargs, 'rows': rows,
           'parameters': parameters, 'tensors': len(rows), 'bytes': size}
 

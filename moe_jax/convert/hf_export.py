@@ -92,6 +92,13 @@ TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json',
 _BIASED = {'none': (), 'qkv': ('q', 'k', 'v'), 'all': ('q', 'k', 'v', 'o')}
 
 
+def copy_tokenizer_files(tokenizer_dir: str | None, out_dir: str) -> None:
+  """Copies the HF tokenizer files `tokenizer_dir` has into `out_dir`."""
+  for name in TOKENIZER_FILES:
+    if tokenizer_dir and os.path.isfile(os.path.join(tokenizer_dir, name)):
+      shutil.copy2(os.path.join(tokenizer_dir, name), out_dir)
+
+
 class ExportError(ValueError):
   """The model cannot be written as the requested class."""
 
@@ -610,9 +617,7 @@ def export_hf(kwargs: Mapping[str, Any], params: Mapping, router_state,
                              desc='export', unit='tensor',
                              disable=not progress):
         writer.add(key, array)
-    for name in TOKENIZER_FILES:
-      if tokenizer_dir and os.path.isfile(os.path.join(tokenizer_dir, name)):
-        shutil.copy2(os.path.join(tokenizer_dir, name), staging)
+    copy_tokenizer_files(tokenizer_dir, staging)
     os.replace(staging, out_dir)
   except BaseException:
     shutil.rmtree(staging, ignore_errors=True)

@@ -22,6 +22,7 @@ Dimension legend: see families.py.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any, Callable, Iterable
@@ -145,6 +146,49 @@ def _family(hf: dict[str, Any], source: str) -> tuple[str, bool]:
   return families.family_of(hf, source), False
 
 
+@dataclasses.dataclass(frozen=True)
+class ImportPlan:
+  """What importing an HF directory will read and where it goes.
+
+  hf: its config.json; family: the key-table family; kwargs: the
+  TransformerLM options; table / state_table: the 'params' and
+  'router_state' entries; ignore: checkpoint keys with no parameter;
+  checkpoint: the opened (lazy) safetensors checkpoint.
+  """
+
+  hf: dict[str, Any]
+  family: str
+  kwargs: dict[str, Any]
+  table: list[families.Entry]
+  state_table: list[families.Entry]
+  ignore: Any
+  checkpoint: safetensors_io.ShardedCheckpoint
+
+
+def plan_import(hf_dir: str) -> ImportPlan:
+  """The ImportPlan of `hf_dir`, its keys and shapes checked (no tensor is
+  read yet): errors name the key, the expected shape and the file."""
+  hf = read_hf_config(hf_dir)
+  family, is_moe = _family(hf, os.path.join(hf_dir, 'config.json'))
+  # The config's options are checked (and refused) before any file opens.
+  kwargs = (moe_families.model_kwargs(hf, family) if is_moe
+            else families.model_kwargs(hf, family))
+  checkpoint = safetensors_io.ShardedCheckpoint(hf_dir)
+  if is_moe:
+    # Routed experts per expert or fused in 3D tensors, as the file has it.
+    layout = moe_families.layout_of(checkpoint.keys())
+    table = moe_families.key_table(hf, family, layout)
+    state_table = moe_families.state_table(hf, family)
+    ignore = moe_families.ignored(hf, family)
+  else:
+    table = families.key_table(hf, family)
+    state_table, ignore = [], None
+  check_keys(checkpoint, table + state_table,
+             tied=kwargs['tie_embeddings'], ignore=ignore)
+  return ImportPlan(hf, family, kwargs, table, state_table, ignore,
+                    checkpoint)
+
+
 def import_hf_with_state(hf_dir: str, *, progress: bool = True
                          ) -> tuple[decoder.TransformerLM, dict, dict,
                                     dict[str, Any]]:
@@ -153,29 +197,14 @@ def import_hf_with_state(hf_dir: str, *, progress: bool = True
   router_state is the model's 'router_state' collection ({} when its
   router keeps none); apply with {'params': params, 'router_state': ...}.
   """
-  hf = read_hf_config(hf_dir)
-  family, is_moe = _family(hf, os.path.join(hf_dir, 'config.json'))
-  if is_moe:
-    kwargs = moe_families.model_kwargs(hf, family)
-    checkpoint = safetensors_io.ShardedCheckpoint(hf_dir)
-    # Routed experts per expert or fused in 3D tensors, as the file has it.
-    layout = moe_families.layout_of(checkpoint.keys())
-    table = moe_families.key_table(hf, family, layout)
-    state_table = moe_families.state_table(hf, family)
-    ignore = moe_families.ignored(hf, family)
-  else:
-    kwargs = families.model_kwargs(hf, family)
-    table = families.key_table(hf, family)
-    state_table, ignore = [], None
-    checkpoint = safetensors_io.ShardedCheckpoint(hf_dir)
-  check_keys(checkpoint, table + state_table,
-             tied=kwargs['tie_embeddings'], ignore=ignore)
-  params = read_params(checkpoint, table, progress=progress)
-  router_state = read_params(checkpoint, state_table, progress=False)
-  model = decoder.TransformerLM(**kwargs, dtype=jnp.float32)
+  plan = plan_import(hf_dir)
+  params = read_params(plan.checkpoint, plan.table, progress=progress)
+  router_state = read_params(plan.checkpoint, plan.state_table,
+                             progress=False)
+  model = decoder.TransformerLM(**plan.kwargs, dtype=jnp.float32)
   check_against_model(model, params)
   check_against_model(model, router_state, 'router_state')
-  return model, params, router_state, kwargs
+  return model, params, router_state, plan.kwargs
 
 
 def import_hf(hf_dir: str, *, progress: bool = True

@@ -187,9 +187,7 @@ def export_remote_code(kwargs: Mapping[str, Any], params: Mapping,
                                       max_shard_bytes=max_shard_bytes) as w:
       for key, array in sorted(tensors(params, router_state).items()):
         w.add(key, array)
-    for name in hf_export.TOKENIZER_FILES:
-      if tokenizer_dir and os.path.isfile(os.path.join(tokenizer_dir, name)):
-        shutil.copy2(os.path.join(tokenizer_dir, name), staging)
+    hf_export.copy_tokenizer_files(tokenizer_dir, staging)
     os.replace(staging, out_dir)
   except BaseException:
     shutil.rmtree(staging, ignore_errors=True)
