@@ -9,7 +9,6 @@ class cannot hold are refused with the classes that can.
 
 import json
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -20,29 +19,8 @@ from moe_jax.convert import hf_export  # pylint: disable=g-import-not-at-top
 from moe_jax.convert import hf_import  # pylint: disable=g-import-not-at-top
 from moe_jax.convert import safetensors_io  # pylint: disable=g-import-not-at-top
 from moe_jax.convert import upcycle  # pylint: disable=g-import-not-at-top
-from moe_jax.models import decoder  # pylint: disable=g-import-not-at-top
+from tests.convert import logits  # pylint: disable=g-import-not-at-top
 from tests.convert import test_hf_import as hf_cases  # pylint: disable=g-import-not-at-top
-
-
-def jax_logits(kwargs, params, router_state=None):
-  tokens, mask = hf_cases.padded_batch()
-  variables = {'params': params}
-  if router_state:
-    variables['router_state'] = router_state
-  out, _ = decoder.TransformerLM(**kwargs).apply(
-      variables, jnp.asarray(tokens, jnp.int32),
-      attention_mask=jnp.asarray(mask))
-  return np.asarray(out)[mask.astype(bool)]
-
-
-def torch_logits(directory):
-  tokens, mask = hf_cases.padded_batch()
-  model = transformers.AutoModelForCausalLM.from_pretrained(
-      directory, dtype=torch.float32, local_files_only=True).eval()
-  with torch.no_grad():
-    out = model(input_ids=torch.tensor(tokens),
-                attention_mask=torch.tensor(mask)).logits.numpy()
-  return out[mask.astype(bool)]
 
 
 @pytest.fixture(scope='module')
@@ -68,7 +46,7 @@ def test_dense_round_trip(imported, family, tmp_path):
     np.testing.assert_array_equal(exported.get(key), original.get(key))
   config = json.loads((tmp_path / 'out' / 'config.json').read_text())
   assert config['rope_parameters']['rope_theta'] == config['rope_theta']
-  np.testing.assert_allclose(torch_logits(out), jax_logits(kwargs, params),
+  np.testing.assert_allclose(logits.torch_logits(logits.load_hf(out)), logits.jax_logits(kwargs, params),
                              atol=1e-4, rtol=1e-4)
 
 
@@ -93,7 +71,7 @@ def test_upcycled_export_matches_transformers(imported, family, router,
   assert json.loads((tmp_path / target / 'config.json').read_text())[
       'architectures'] == [{'mixtral': 'MixtralForCausalLM',
                             'qwen2_moe': 'Qwen2MoeForCausalLM'}[target]]
-  np.testing.assert_allclose(torch_logits(out), jax_logits(*moe), atol=1e-4,
+  np.testing.assert_allclose(logits.torch_logits(logits.load_hf(out)), logits.jax_logits(*moe), atol=1e-4,
                              rtol=1e-4)
 
 
@@ -131,5 +109,5 @@ def test_phi3_round_trip(tmp_path):
   assert exported.keys() == original.keys()
   for key in original.keys():
     np.testing.assert_array_equal(exported.get(key), original.get(key))
-  np.testing.assert_allclose(torch_logits(out), jax_logits(kwargs, params),
+  np.testing.assert_allclose(logits.torch_logits(logits.load_hf(out)), logits.jax_logits(kwargs, params),
                              atol=1e-4, rtol=1e-4)

@@ -30,7 +30,7 @@ from moe_jax.convert import moe_families
 from moe_jax.convert import safetensors_io
 from moe_jax.convert import upcycle
 from moe_jax.models import decoder
-from tests.convert import test_hf_export as export_cases
+from tests.convert import logits
 from tests.convert import test_hf_import as dense_cases
 from tests.convert import test_hf_import_moe as moe_cases
 # pylint: enable=g-import-not-at-top
@@ -41,8 +41,8 @@ ARCHITECTURES = {family: arch for arch, family in
 
 def check_logits(out_dir, kwargs, params, router_state=None):
   np.testing.assert_allclose(
-      export_cases.torch_logits(out_dir),
-      export_cases.jax_logits(kwargs, params, router_state), atol=1e-4,
+      logits.torch_logits(logits.load_hf(out_dir)),
+      logits.jax_logits(kwargs, params, router_state), atol=1e-4,
       rtol=1e-4)
 
 

@@ -19,6 +19,7 @@ transformers = pytest.importorskip('transformers')
 
 from moe_jax.convert import hf_import  # pylint: disable=g-import-not-at-top
 from moe_jax.models import rope  # pylint: disable=g-import-not-at-top
+from tests.convert.logits import padded_batch  # pylint: disable=g-import-not-at-top
 
 # Small shapes: GQA (4 query heads, 2 kv heads), head_dim 16 != D / H.
 COMMON = dict(vocab_size=128, hidden_size=48, intermediate_size=80,
@@ -59,15 +60,6 @@ def build_hf(name, tmp_path):
   directory = tmp_path / name
   model.save_pretrained(directory)
   return model, directory
-
-
-def padded_batch():
-  rng = np.random.default_rng(1)
-  tokens = rng.integers(1, 128, (2, 12)).astype(np.int64)
-  mask = np.ones((2, 12), np.int64)
-  mask[1, 7:] = 0                          # row 1: 7 tokens, right-padded
-  tokens[1, 7:] = 0
-  return tokens, mask
 
 
 @pytest.mark.parametrize('name', sorted(CASES))

@@ -21,6 +21,7 @@ transformers = pytest.importorskip('transformers')
 # pylint: disable=g-import-not-at-top
 from moe_jax.convert import hf_import
 from moe_jax.convert import safetensors_io
+from tests.convert.logits import padded_batch
 # pylint: enable=g-import-not-at-top
 
 # GQA (4 query heads, 2 kv heads), head_dim 16 != D / H, 4 experts, top-2.
@@ -98,15 +99,6 @@ def build_hf(name, tmp_path, fused=False):
   directory = tmp_path / (name + ('_fused' if fused else ''))
   model.save_pretrained(directory, save_original_format=not fused)
   return model, directory
-
-
-def padded_batch():
-  rng = np.random.default_rng(1)
-  tokens = rng.integers(1, 128, (2, 12)).astype(np.int64)
-  mask = np.ones((2, 12), np.int64)
-  mask[1, 7:] = 0                          # row 1: 7 tokens, right-padded
-  tokens[1, 7:] = 0
-  return tokens, mask
 
 
 def keys_of(directory):

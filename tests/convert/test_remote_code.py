@@ -34,20 +34,12 @@ from moe_jax.convert import safetensors_io  # pylint: disable=g-import-not-at-to
 from moe_jax.convert import upcycle  # pylint: disable=g-import-not-at-top
 from moe_jax.models import decoder  # pylint: disable=g-import-not-at-top
 from moe_jax.moe import router as router_lib  # pylint: disable=g-import-not-at-top
+from tests.convert.logits import jax_logits  # pylint: disable=g-import-not-at-top
+from tests.convert.logits import torch_logits  # pylint: disable=g-import-not-at-top
 
 ROUTERS = ['smoe', 'sigmoid', 'xmoe', 'cosine', 'perturbed_cosine', 'hyper',
            'deepseek_v2', 'deepseek_v3', 'moe_plus_plus', 'tc_moe', 'remoe']
 TOL = dict(atol=1e-4, rtol=1e-4)
-
-
-def padded_batch(vocab_size):
-  """tokens, mask [2, 12]; row 1 has 7 tokens, right-padded."""
-  rng = np.random.default_rng(1)
-  tokens = rng.integers(1, vocab_size, (2, 12)).astype(np.int64)
-  mask = np.ones((2, 12), np.int64)
-  mask[1, 7:] = 0
-  tokens[1, 7:] = 0
-  return tokens, mask
 
 
 def perturb(tree, seed, std=0.05):
@@ -58,17 +50,6 @@ def perturb(tree, seed, std=0.05):
                             jnp.float32), tree)
 
 
-def jax_logits(kwargs, params, router_state):
-  tokens, mask = padded_batch(kwargs['vocab_size'])
-  variables = {'params': params}
-  if router_state:
-    variables['router_state'] = router_state
-  out, _ = decoder.TransformerLM(**kwargs).apply(
-      variables, jnp.asarray(tokens, jnp.int32),
-      attention_mask=jnp.asarray(mask))
-  return np.asarray(out)[mask.astype(bool)]
-
-
 def load(directory):
   model, info = transformers.AutoModelForCausalLM.from_pretrained(
       directory, trust_remote_code=True, local_files_only=True,
@@ -77,21 +58,13 @@ def load(directory):
   return model.eval()
 
 
-def torch_logits(model, vocab_size):
-  tokens, mask = padded_batch(vocab_size)
-  with torch.no_grad():
-    out = model(input_ids=torch.tensor(tokens),
-                attention_mask=torch.tensor(mask)).logits.numpy()
-  return out[mask.astype(bool)]
-
-
 def export_and_compare(kwargs, params, router_state, tmp_path):
   """Exports, loads with transformers, compares; returns the torch model."""
   directory = remote_code.export_remote_code(
       kwargs, params, router_state, out_dir=str(tmp_path / 'export'))
   model = load(directory)
   want = jax_logits(kwargs, params, router_state)
-  np.testing.assert_allclose(torch_logits(model, kwargs['vocab_size']), want,
+  np.testing.assert_allclose(torch_logits(model), want,
                              **TOL)
   return model, want
 
@@ -110,7 +83,7 @@ def check_bias_is_used(model, want, vocab_size):
     for name, buf in model.named_buffers():
       if name.endswith('router.router.bias'):
         buf.zero_()
-  assert not np.allclose(torch_logits(model, vocab_size), want, **TOL)
+  assert not np.allclose(torch_logits(model), want, **TOL)
 
 
 def test_the_routers_are_every_registered_router():

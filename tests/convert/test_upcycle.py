@@ -6,7 +6,6 @@ the dense model's to 1e-5. MoE++ does not (its zero / constant slots), which
 the last test shows rather than assumes.
 """
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -15,8 +14,8 @@ pytest.importorskip('transformers')
 
 from moe_jax.convert import hf_import  # pylint: disable=g-import-not-at-top
 from moe_jax.convert import upcycle  # pylint: disable=g-import-not-at-top
-from moe_jax.models import decoder  # pylint: disable=g-import-not-at-top
 from tests.convert import test_hf_import as hf_cases  # pylint: disable=g-import-not-at-top
+from tests.convert.logits import jax_logits  # pylint: disable=g-import-not-at-top
 
 
 @pytest.fixture(scope='module')
@@ -27,17 +26,6 @@ def dense_models(tmp_path_factory):
     _, directory = hf_cases.build_hf(family, root)
     out[family] = hf_import.import_hf(str(directory), progress=False)
   return out
-
-
-def logits(kwargs, params, router_state=None):
-  tokens, mask = hf_cases.padded_batch()
-  model = decoder.TransformerLM(**kwargs)
-  variables = {'params': params}
-  if router_state:
-    variables['router_state'] = router_state
-  out, _ = model.apply(variables, jnp.asarray(tokens, jnp.int32),
-                       attention_mask=jnp.asarray(mask))
-  return np.asarray(out)[mask.astype(bool)]
 
 
 PRESERVING = [
@@ -56,11 +44,11 @@ PRESERVING = [
 def test_upcycled_model_computes_the_dense_function(dense_models, family,
                                                      router, options, shared):
   _, params, kwargs = dense_models[family]
-  want = logits(kwargs, params)
+  want = jax_logits(kwargs, params)
   moe_kwargs, moe_params, state = upcycle.upcycle(
       kwargs, params, router=router, num_experts=4, top_k=2,
       shared_experts=shared, router_options=options, backend='loop')
-  got = logits(moe_kwargs, moe_params, state)
+  got = jax_logits(moe_kwargs, moe_params, state)
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
   # Every expert is the dense MLP; the router is the registry's, std 0.02.
   experts = moe_params['layer_1']['moe']['experts']['w_in']
@@ -113,11 +101,11 @@ def test_libmoe_router_seed_gives_every_layer_the_same_router(dense_models):
 
 def test_moe_plus_plus_is_not_function_preserving(dense_models):
   _, params, kwargs = dense_models['llama']
-  want = logits(kwargs, params)
+  want = jax_logits(kwargs, params)
   moe_kwargs, moe_params, state = upcycle.upcycle(
       kwargs, params, router='moe_plus_plus', num_experts=4, top_k=2,
       router_options={'n_zero': 1, 'n_copy': 1, 'n_const': 2})
-  got = logits(moe_kwargs, moe_params, state)
+  got = jax_logits(moe_kwargs, moe_params, state)
   assert np.abs(got - want).max() > 1e-3
 
 
