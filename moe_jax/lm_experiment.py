@@ -190,7 +190,36 @@ def _train_config(p: dict, tiny: bool) -> ConfigDict:
   # Regexes over parameter paths ('layer_0/moe/experts/w_in'); a parameter
   # trains when one matches (big_vision-style). Others get no update.
   train.trainable = ('.*',)
+  # Steps between quick zero-shot evaluations during training (0: never);
+  # metrics.jsonl split 'zero_shot' and TensorBoard zero_shot/*. Uses
+  # config.eval.data_dir; a multiple of checkpoint_every lets
+  # --mode=eval pick the best checkpoint by it (eval.select).
+  train.eval_tasks_every = 0
+  # The quick subset: task names (as eval.tasks) and items per task group.
+  train.eval_tasks = 'blimp,piqa,arc'
+  train.eval_tasks_max_examples = 50
   return train
+
+
+def _eval_config() -> ConfigDict:
+  evaluation = ConfigDict()
+  # Zero-shot tasks of --mode=eval: 'all' or comma-separated names from
+  # eval/tasks (lambada, blimp, cbt, hellaswag, piqa, arc, race, siqa,
+  # commonsenseqa).
+  evaluation.tasks = 'all'
+  # One folder per task, laid out as ../shared/data/lm_eval (hellaswag/ and
+  # cbt/ hold the original HellaSwag and CBTest files).
+  evaluation.data_dir = 'data/lm_eval'
+  # Items scored per task group (0: all); evenly spaced, for quick looks.
+  evaluation.max_examples = 0
+  # Checkpoint to score: its step, or -1 to let eval.select choose.
+  evaluation.step = -1
+  # 'newest' | 'best_loss' (validation loss) | 'best_zero_shot' (the
+  # average of the quick zero-shot evaluation logged in training).
+  evaluation.select = 'newest'
+  # Rows per scoring batch (rounded up to a multiple of the devices).
+  evaluation.batch_size = 32
+  return evaluation
 
 
 def _init_config() -> ConfigDict:
@@ -410,6 +439,7 @@ def base_config(router: str, size: str,
   loss.layer_reduction = 'sum'
   config.loss = loss
   config.init = _init_config()
+  config.eval = _eval_config()
 
   if router == 'dense':
     s = math.sqrt(2.0 / p['num_layers'])

@@ -8,6 +8,7 @@ resumes from the newest checkpoint in the workdir.
 from __future__ import annotations
 
 import logging as py_logging
+import os
 import sys
 
 from absl import app
@@ -24,8 +25,10 @@ _WORKDIR = flags.DEFINE_string(
     'workdir', None, 'Run directory: config.json, metrics.jsonl, tensorboard/, '
     'checkpoints/. An existing run there is resumed.')
 _MODE = flags.DEFINE_enum(
-    'mode', 'train', ['train', 'trace', 'droptop', 'similarity'],
-    'train: train and evaluate (resuming); trace: record the routing of the '
+    'mode', 'train', ['train', 'eval', 'trace', 'droptop', 'similarity'],
+    'train: train and evaluate (resuming); eval: zero-shot evaluation '
+    '(validation PPL and LibMoE\'s tasks, config.eval) of a checkpoint to '
+    'DIR/eval/step=<N>.json and .md; trace: record the routing of the '
     "workdir's newest checkpoint over the validation set to DIR/traces/; "
     'droptop: evaluate that checkpoint with each token\'s top-1 (and top-2) '
     'expert removed, to DIR/droptop.json; similarity: expert similarity '
@@ -117,6 +120,20 @@ def _run_mode(mode: str) -> None:
   # Progress lines come from process 0 only; the others log warnings.
   logging.set_verbosity(logging.INFO if jax.process_index() == 0
                         else logging.WARNING)
+  if mode == 'eval':
+    from eval import zero_shot  # pylint: disable=g-import-not-at-top
+    try:
+      result = zero_shot.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value)
+    except (FileNotFoundError, ValueError) as e:
+      # A missing task folder or a bad eval.* field: the message names it.
+      logging.error('%s', e)
+      sys.exit(2)
+    if jax.process_index() == 0:
+      paths = zero_shot.write_results(
+          os.path.join(_WORKDIR.value, zero_shot.RESULT_DIR), result)
+      logging.info('zero-shot evaluation of step %d (%s):\n%s',
+                   result['step'], paths[0], zero_shot.markdown(result))
+    return
   if mode == 'trace':
     from moe_jax.analysis import tracing  # pylint: disable=g-import-not-at-top
     summary = tracing.trace_checkpoint(_CONFIG.value, _WORKDIR.value,

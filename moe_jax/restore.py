@@ -85,6 +85,17 @@ def mismatch_error(config: ConfigDict, workdir: str, step: int,
   return ConfigMismatch('\n'.join(lines))
 
 
+def checkpoint_steps(config: ConfigDict, workdir: str) -> list[int]:
+  """The committed checkpoint steps of a workdir, oldest first."""
+  checkpoints = checkpoint_lib.Checkpointer(
+      os.path.join(os.path.abspath(workdir), 'checkpoints'),
+      keep=config.train.keep)
+  try:
+    return list(checkpoints.all_steps())
+  finally:
+    checkpoints.close()
+
+
 def restore_run(config: ConfigDict, workdir: str, step: int | None = None, *,
                 what: str = 'analyse') -> RestoredRun:
   """The model, parameters and router state of a workdir's checkpoint.

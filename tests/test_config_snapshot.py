@@ -34,6 +34,11 @@ ADDED = {
         'router': '', 'num_experts': 8, 'top_k': 2, 'granularity': 1,
         'shared_experts': 0, 'shared_mix': 'half', 'noise': 0.0, 'seed': 0,
         'router_seed': 'per_layer'}},
+    'train.eval_tasks_every': 0,
+    'train.eval_tasks': 'blimp,piqa,arc',
+    'train.eval_tasks_max_examples': 50,
+    'eval': {'tasks': 'all', 'data_dir': 'data/lm_eval', 'max_examples': 0,
+             'step': -1, 'select': 'newest', 'batch_size': 32},
 }
 
 

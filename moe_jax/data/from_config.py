@@ -230,3 +230,31 @@ def build_data(config: ml_collections.ConfigDict,
         separator=data.doc_separator, max_tokens=data.max_tokens,
         max_valid_tokens=data.max_valid_tokens,
         cache_dir=data.cache_dir or os.path.join(workdir, 'cache'))
+
+
+def load_run_tokenizer(config: ml_collections.ConfigDict, workdir: str):
+  """The tokenizer a run trained with, loaded; never trains one.
+
+  For scoring a trained run (zero-shot evaluation, the lm-eval adapter):
+  the tokenizer of `config.data.tokenizer` (a .model file or an HF model
+  directory), or the one training cached in the workdir when that field is
+  ''.
+
+  Raises:
+    FileNotFoundError: the tokenizer file is missing (naming the config
+      field, or the workdir's cached model and how it is made).
+  """
+  data = config.data
+  if data.tokenizer_type == 'hf':
+    with _fields(_TOKENIZER_FIELDS):
+      return tokenizer_lib.load_hf_tokenizer(data.tokenizer)
+  if data.tokenizer:
+    with _fields(_TOKENIZER_FIELDS):
+      return tokenizer_lib.load_tokenizer(data.tokenizer)
+  path = tokenizer_lib.default_model_path(workdir, data.vocab_size)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(
+        f'{path}: the workdir has no tokenizer (config.data.tokenizer is '
+        "'', so training writes one there on its first start); train first, "
+        'or set config.data.tokenizer to the .model file the run used')
+  return tokenizer_lib.load_tokenizer(path)
