@@ -146,11 +146,11 @@ def override_flags(overrides: Sequence[str]) -> list[str]:
 
 def eval_flags(tasks: Sequence[str] | None,
                max_examples: int | None) -> list[str]:
-  """The --mode=eval overrides: the task tuple and the example cap."""
+  """The --mode=eval overrides: the task list and the example cap."""
   flags = []
   if tasks:
-    # A tuple field: ml_collections parses the Python literal.
-    flags.append(f'--config.eval.tasks={tuple(tasks)!r}')
+    # config.eval.tasks is a comma-separated string.
+    flags.append(f'--config.eval.tasks={",".join(tasks)}')
   if max_examples is not None:
     flags.append(f'--config.eval.max_examples={max_examples}')
   return flags

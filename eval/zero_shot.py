@@ -154,12 +154,14 @@ def config_name(config: ml_collections.ConfigDict) -> str:
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
-                        model=None, with_ppl: bool = True) -> dict[str, Any]:
+                        step: int | None = None, model=None,
+                        with_ppl: bool = True) -> dict[str, Any]:
   """Scores the checkpoint config.eval selects on config.eval.tasks.
 
   Args:
     config: the run's config.
     workdir: the run directory.
+    step: score this checkpoint instead of config.eval's choice.
     model: a model to score instead of the config's (same parameters), e.g.
       with DropTop applied.
     with_ppl: also compute the validation perplexity.
@@ -170,8 +172,9 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
   names = tasks_lib.parse_task_list(config.eval.tasks)
   check_data(names, config.eval.data_dir)
   started = time.perf_counter()
-  steps = restore.checkpoint_steps(config, workdir)
-  step = select_step(config, workdir, steps)
+  if step is None:
+    step = select_step(config, workdir,
+                       restore.checkpoint_steps(config, workdir))
   run = restore.restore_run(config, workdir, step, what='evaluate')
   scorer = text_scorer_lib.TextScorer.from_run(
       run, config, workdir, batch_size=config.eval.batch_size, model=model)

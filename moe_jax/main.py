@@ -144,7 +144,18 @@ def _run_mode(mode: str) -> None:
     return
   if mode == 'droptop':
     from moe_jax.analysis import droptop  # pylint: disable=g-import-not-at-top
-    frame = droptop.evaluate_droptop(_CONFIG.value, _WORKDIR.value)
+    from eval import zero_shot  # pylint: disable=g-import-not-at-top
+    config, workdir = _CONFIG.value, _WORKDIR.value
+    average = None
+    if os.path.isdir(config.eval.data_dir):
+      average = lambda model, step: zero_shot.evaluate_checkpoint(
+          config, workdir, step=step, model=model, with_ppl=False)['average']
+    else:
+      logging.warning('DropTop on validation loss only: no zero-shot task '
+                      'folder config.eval.data_dir=%r (the change in the '
+                      'average zero-shot score needs it)',
+                      config.eval.data_dir)
+    frame = droptop.evaluate_droptop(config, workdir, zero_shot=average)
     path = droptop.write_droptop(_WORKDIR.value, frame)
     logging.info('DropTop at step %d (%s):\n%s', int(frame['step'].iloc[0]),
                  path, frame.drop(columns='step').to_string(

@@ -39,9 +39,13 @@ import ml_collections
 import numpy as np
 import optax
 
+from eval import tasks as tasks_lib
+from eval import text_scorer as text_scorer_lib
+from eval import zero_shot
 from moe_jax import checkpoint as checkpoint_lib
 from moe_jax import config_lib
 from moe_jax import flops as flops_lib
+from moe_jax import loglikelihood
 from moe_jax import models
 from moe_jax import restore
 from moe_jax import run_log as run_log_lib
@@ -289,6 +293,40 @@ def _training_tracer(config: ConfigDict, model, pipeline):
   return tracing.routing_fn(model, with_probs=config.train.trace_probs)
 
 
+def _zero_shot_evaluator(config: ConfigDict, model, workdir: str):
+  """state -> {task: score, 'average'} for train.eval_tasks_every, or None.
+
+  The task list and its data folders are checked here, at the start, so a
+  typo fails before any step is trained. The scorer is built once and
+  given each evaluation's variables, so it compiles once.
+  """
+  train_cfg = config.train
+  if not train_cfg.eval_tasks_every:
+    return None
+  names = tasks_lib.parse_task_list(train_cfg.eval_tasks)
+  zero_shot.check_data(names, config.eval.data_dir)
+  tokenizer = from_config.load_run_tokenizer(config, workdir)
+  scorer = None
+
+  def evaluate(state: TrainState) -> dict[str, float]:
+    nonlocal scorer
+    if scorer is None:
+      scorer = text_scorer_lib.TextScorer(
+          loglikelihood.Scorer(model, state.params, state.router_state,
+                               step=state.step, max_len=train_cfg.seq_len,
+                               batch_size=config.eval.batch_size,
+                               progress=False),
+          tokenizer, text_scorer_lib.run_prefix(config, tokenizer))
+    scorer.scorer.set_variables(state.params, state.router_state, state.step)
+    results = zero_shot.evaluate_tasks(
+        scorer, names, config.eval.data_dir,
+        max_examples=train_cfg.eval_tasks_max_examples)
+    scores = {name: entry['score'] for name, entry in results.items()}
+    return dict(scores, average=zero_shot.average(results))
+
+  return evaluate
+
+
 def _restore(checkpoints, abstract_state: TrainState, config: ConfigDict,
              workdir: str):
   """restore_latest, reading pre-hook checkpoints and naming mismatches.
@@ -492,6 +530,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
                                   state_shardings.step, batch_sharding),
                     out_shardings=sharding_lib.replicated(mesh))
   route_fn = _training_tracer(config, model, pipeline)
+  zero_shot_fn = _zero_shot_evaluator(config, model, workdir)
 
   step = int(state.step)
   log = run_log_lib.RunLog(workdir,
@@ -544,6 +583,14 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
         logging.info('step %d validation: loss %.4f | ppl %.2f | accuracy '
                      '%.4f', step, valid['loss'], valid['ppl'],
                      valid['accuracy'])
+      if zero_shot_fn is not None and (
+          step % train_cfg.eval_tasks_every == 0 or step == train_cfg.steps):
+        scores = zero_shot_fn(state)
+        log.write(zero_shot.SPLIT, step, scores)
+        logging.info('step %d zero-shot (at most %d items per group): %s',
+                     step, train_cfg.eval_tasks_max_examples,
+                     ' | '.join(f'{k} {100 * v:.2f}' for k, v in
+                                scores.items()))
       if route_fn is not None and (step % train_cfg.trace_every == 0 or
                                    step == train_cfg.steps):
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):

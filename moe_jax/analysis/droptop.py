@@ -5,7 +5,9 @@ The workdir's checkpoint is evaluated on its validation set as trained, then
 with each token's top-1 (and top-1 and top-2) selected slot removed in every
 MoE layer and the remaining weights renormalised (`router_options.drop_top`,
 moe_jax/moe/routers/base.py drop_top_slots). The result is the loss and
-next-token accuracy of each variant and their change from the intact model.
+next-token accuracy of each variant and their change from the intact model,
+and, where the zero-shot task files are at hand (config.eval.data_dir), the
+change in the average zero-shot score: the DropTop of algorithms.md §9.
 
   python -m moe_jax.main --config=... --workdir=DIR --mode=droptop
 writes DIR/droptop.json; the routing report (moe_jax.analysis.report) shows it.
@@ -16,6 +18,7 @@ from __future__ import annotations
 import copy
 import functools
 import os
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -55,7 +58,9 @@ def slots_per_token(config: ConfigDict) -> int:
 
 def evaluate_droptop(config: ConfigDict, workdir: str, *,
                      drops: tuple[int, ...] = (1, 2),
-                     step: int | None = None) -> pd.DataFrame:
+                     step: int | None = None,
+                     zero_shot: Callable[[Any, int], float] | None = None
+                     ) -> pd.DataFrame:
   """Validation loss / accuracy of the checkpoint with 0 and `drops` removed.
 
   Args:
@@ -64,10 +69,15 @@ def evaluate_droptop(config: ConfigDict, workdir: str, *,
     drops: slot counts to remove; those that would leave a token no slot
       (n >= K) are skipped with a log line.
     step: checkpoint step (default: the newest).
+    zero_shot: (model, step) -> the average zero-shot score of the
+      checkpoint's parameters in `model` (eval/zero_shot.py); the DropTop
+      of algorithms.md §9 is the change of this score. None: validation
+      only.
 
   Returns:
     One row per variant: drop, name, loss, ppl, accuracy, delta_loss,
-    delta_accuracy (relative to the intact model), step.
+    delta_accuracy (relative to the intact model), step; with zero_shot
+    also zero_shot_average and delta_zero_shot.
   """
   slots = slots_per_token(config)
   usable = [n for n in drops if 0 < n < slots]
@@ -90,9 +100,14 @@ def evaluate_droptop(config: ConfigDict, workdir: str, *,
     rows.append({'drop': n, 'name': NAMES.get(n, f'DropTop-{n}'),
                  'loss': valid['loss'], 'ppl': valid['ppl'],
                  'accuracy': valid['accuracy']})
+    if zero_shot is not None:
+      rows[-1]['zero_shot_average'] = zero_shot(model, step)
   frame = pd.DataFrame(rows)
   frame['delta_loss'] = frame['loss'] - frame['loss'].iloc[0]
   frame['delta_accuracy'] = frame['accuracy'] - frame['accuracy'].iloc[0]
+  if zero_shot is not None:
+    frame['delta_zero_shot'] = (frame['zero_shot_average'] -
+                                frame['zero_shot_average'].iloc[0])
   frame['step'] = step
   return frame
 

@@ -88,7 +88,7 @@ def test_commands_workdirs_and_table(tmp_path):
            '--config.train.seed=0', '--config.train.steps=300']
   assert fake.calls[0] == (train, os.path.join(w, 'sweep.log'))
   assert fake.calls[1] == (train + ['--mode=eval',
-                                    "--config.eval.tasks=('piqa', 'arc')",
+                                    '--config.eval.tasks=piqa,arc',
                                     '--config.eval.max_examples=20'],
                            os.path.join(w, 'sweep.log'))
   # Config-major order, seeds 0..n-1, one workdir each.
@@ -171,7 +171,7 @@ def test_command_line_exit_codes(tmp_path, monkeypatch, capsys):
           '--set=train.steps=300', '--tasks=piqa', '--max_examples=20']
   fake = FakeMain()
   assert sweep.main(argv, runner=fake) == 0
-  assert "--config.eval.tasks=('piqa',)" in fake.calls[1][0]
+  assert '--config.eval.tasks=piqa' in fake.calls[1][0]
   assert os.path.exists('sweep/table/table.md')
   failing = FakeMain(fail={('smoe_154m:tiny', 0, 'training')})
   assert sweep.main(argv[:-3] + ['--set=train.steps=500'],
