@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV   := .venv
 STAMP  := $(VENV)/.installed
 
-.PHONY: .venv run test routing-report clean distclean
+.PHONY: .venv run test routing-report zero-shot-table clean distclean
 
 # (Re)install when setup.cfg or pyproject.toml is newer than the stamp.
 .venv: $(STAMP)
@@ -37,6 +37,27 @@ routing-report: .venv
 	done
 	$(VENV)/bin/python -m moe_jax.analysis.report --out=runs/routing_compare \
 	  $(foreach r,$(ROUTERS),--workdir=runs/$(r)_tiny)
+
+# LibMoE's comparison table on the tiny config: each router x seed trained
+# for 400 steps on the C4 sample of ../shared/data (English text, so the
+# zero-shot tasks mean something), scored on the seven tasks with offline
+# files (at most 200 items per task group), then tabled with 95% CIs and a
+# paired t-test against SMoE into runs/zero_shot_sweep/table/.
+SHARED      ?= ../shared/data
+TABLE_ROUTERS ?= smoe sigmoid deepseek_v3
+SEEDS       ?= 2
+comma := ,
+empty :=
+space := $(empty) $(empty)
+
+zero-shot-table: .venv
+	$(VENV)/bin/python -m eval.sweep --root=runs/zero_shot_sweep --seeds=$(SEEDS) \
+	  --configs=$(subst $(space),$(comma),$(foreach r,$(TABLE_ROUTERS),configs/$(r)_154m.py:tiny)) \
+	  --set=data.source=files \
+	  --set=data.train_path=$(SHARED)/pretrain/c4_redpajama_sample/tiny_c4_sample.jsonl \
+	  --set=data.eval_path=$(SHARED)/pretrain/c4_hf_parquet/c4-validation-00000-of-01637.parquet \
+	  --set=train.steps=400 --set=eval.data_dir=$(SHARED)/lm_eval \
+	  --tasks=lambada,blimp,piqa,arc,race,siqa,commonsenseqa --max_examples=200
 
 # Two pytest-xdist workers; --dist loadscope keeps each module (and its
 # module-scoped fixtures and compile caches) on one worker. On 2 CPU cores

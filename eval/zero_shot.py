@@ -29,6 +29,7 @@ from typing import Any, Sequence
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
@@ -121,14 +122,25 @@ def select_step(config: ml_collections.ConfigDict, workdir: str,
 
 def validation(config: ml_collections.ConfigDict, workdir: str,
                run: restore.RestoredRun, model=None) -> dict[str, float]:
-  """Validation loss / PPL / accuracy of a restored run, as in training."""
+  """Validation loss / PPL / accuracy of a restored run, as in training.
+
+  Each process scores its own slice of every validation batch (the
+  pipeline's per-process batches, all of one size); the means over
+  processes are the means over the whole set.
+  """
   pipeline = from_config.build_data(config, os.path.abspath(workdir))
   eval_fn = jax.jit(functools.partial(scoring.eval_step,
                                       model=model or run.model))
-  return scoring.evaluate(
+  valid = scoring.evaluate(
       lambda batch: eval_fn(run.params, run.router_state, run.step, batch),
       ({k: np.asarray(batch[k]) for k in ('inputs', 'targets')}
        for batch in pipeline.valid_iterator()))
+  if jax.process_count() > 1:
+    loss, accuracy = np.mean(multihost_utils.process_allgather(
+        np.asarray([valid['loss'], valid['accuracy']])), axis=0)
+    valid.update(loss=float(loss), accuracy=float(accuracy),
+                 ppl=math.exp(min(float(loss), 50.0)))
+  return valid
 
 
 def record(*, workdir: str, step: int, config_name: str, router: str,

@@ -165,8 +165,16 @@ class Scorer:
   def set_variables(self, params, router_state, step: int = 0) -> None:
     """Scores with new variables of the same model (e.g. during training),
     reusing the compiled functions."""
-    self._variables = jax.device_put((params, router_state, step),
-                                     self._replicated)
+    variables = (params, router_state, step)
+    if jax.process_count() > 1:
+      # Each process holds the whole (identical) variables, on its own
+      # devices: assemble the replicated global arrays from host copies.
+      host = jax.tree.map(np.asarray, variables)
+      self._variables = jax.tree.map(
+          lambda a: jax.make_array_from_callback(
+              a.shape, self._replicated, lambda index: a[index]), host)
+    else:
+      self._variables = jax.device_put(variables, self._replicated)
 
   def _bucket(self, length: int) -> int:
     return next(b for b in self.buckets if b >= length)

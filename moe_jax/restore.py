@@ -115,7 +115,9 @@ def restore_run(config: ConfigDict, workdir: str, step: int | None = None, *,
     # The model is defined by the HF directory's config.json, as in training.
     init_from_hf.resolve(config)
   model = models.build(config)
-  device = jax.devices()[0]
+  # This process's own device: with several processes, devices()[0] may
+  # belong to another process.
+  device = jax.local_devices()[0]
   expected = abstract_variables(config, model, device)
   checkpoints = checkpoint_lib.Checkpointer(
       os.path.join(workdir, 'checkpoints'), keep=config.train.keep)
