@@ -392,10 +392,10 @@ def _load_config(spec: str, *, backend: str, dtype: str
     wanted = backend
     if wanted == 'auto':
       wanted = config.moe.backend
-      if wanted == 'pallas' and jax.default_backend() == 'cpu':
+      if wanted in ('pallas', 'auto') and jax.default_backend() == 'cpu':
         wanted = 'blocked'       # Pallas runs in (slow) interpret mode on CPU
-        notes.append("moe.backend pallas -> blocked (Pallas interprets on "
-                     "CPU; --backend to choose)")
+        notes.append(f"moe.backend {config.moe.backend} -> blocked (Pallas "
+                     "interprets on CPU; --backend to choose)")
     elif wanted != config.moe.backend:
       notes.append(f'moe.backend {config.moe.backend} -> {wanted}')
     config.moe.backend = wanted

@@ -18,7 +18,7 @@ import ml_collections
 
 from moe_jax import models
 from moe_jax.moe import activations
-from moe_jax.moe import backends
+from moe_jax.moe import backend_probe
 from moe_jax.moe import layer as layer_lib
 from moe_jax.moe import losses as losses_lib
 from moe_jax.moe import router as router_lib
@@ -92,10 +92,8 @@ def _validate_moe(config: ConfigDict) -> None:
   moe = config.moe
   require(moe.router in router_lib.ROUTERS, 'moe.router',
           f'one of {sorted(router_lib.ROUTERS)}', moe.router)
-  backend_names = sorted(backends.BACKENDS)
-  require(moe.backend in backend_names, 'moe.backend',
-          f'one of {backend_names}',
-          moe.backend)
+  require(moe.backend in backend_probe.CHOICES, 'moe.backend',
+          f'one of {list(backend_probe.CHOICES)}', moe.backend)
   require(isinstance(moe.num_experts, int) and moe.num_experts >= 1,
           'moe.num_experts', 'an integer >= 1', moe.num_experts)
   require(isinstance(moe.top_k, int) and 1 <= moe.top_k <= moe.num_experts,

@@ -345,9 +345,10 @@ def _moe_config(router: str, p: dict, tiny: bool, d_model_ref) -> ConfigDict:
   moe.activation = 'relu'
   # Biases in the experts (LibMoE LM experts have none).
   moe.expert_bias = False
-  # Grouped-matmul backend: 'blocked' (CPU) | 'pallas' (GPU) | 'ragged_dot' |
-  # 'loop'.
-  moe.backend = 'blocked' if tiny else 'pallas'
+  # Grouped-matmul backend: 'auto' (GPU: a start-up probe picks pallas, else
+  # the fastest that passes; elsewhere blocked; moe/backend_probe.py) |
+  # 'blocked' | 'pallas' | 'ragged_dot' | 'loop'.
+  moe.backend = 'blocked' if tiny else 'auto'
   # None: dropless (LibMoE); a number: GShard capacity factor.
   moe.capacity_factor = config_dict.placeholder(float)
   # Shared experts, merged into one always-on MLP (DeepSeek: 2 x m = 2m).

@@ -15,6 +15,7 @@ from __future__ import annotations
 import ml_collections
 
 from moe_jax.models import decoder
+from moe_jax.moe import backend_probe
 
 MODELS = {
     'decoder': decoder,
@@ -22,8 +23,14 @@ MODELS = {
 
 
 def build(config: ml_collections.ConfigDict):
-  """The flax model of `config` (MODELS[config.model_name].from_config)."""
+  """The flax model of `config` (MODELS[config.model_name].from_config).
+
+  moe.backend='auto' is resolved first, in place (moe/backend_probe.py:
+  blocked on a CPU, the Pallas kernel on a GPU if its start-up probe
+  passes), so the config then names the backend the model runs.
+  """
   if config.model_name not in MODELS:
     raise ValueError(f'model_name: expected one of {sorted(MODELS)}, got '
                      f'{config.model_name!r}')
+  backend_probe.resolve_config(config)
   return MODELS[config.model_name].from_config(config)
