@@ -8,7 +8,8 @@ dispatch + FFN + combine. `moe.backend` picks one by name:
   'ragged_dot' jax.lax.ragged_dot (a dense expansion on CPU).
   'blocked'    block-sparse while-loop grouped matmul (blocked_gmm.py); the
                layer runs its fused gather + FFN + combine, the fast XLA path
-               on CPU.
+               on CPU. Its block size follows the rows per expert T*K/E
+               (blocked_block_rows), through Backend.for_dispatch.
   'pallas'     the Pallas kernel of kernels_pallas/gmm.py (Triton lowering
                on a GPU; Pallas interpret mode elsewhere, logged once).
 The kernels package imports only JAX; its adapter to this contract lives
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Callable
 
 import jax
@@ -47,6 +49,19 @@ class Backend:
   # moe_ffn(params, x [T, D], weight [T, K], token_of_row, slot_of_row,
   #         row_of_slot, group_sizes, activation=...) -> y [T, D].
   moe_ffn: Callable[..., Array] | None = None
+  # Optional shape rule: sized(num_slots, num_experts) -> this backend with
+  # tiles for about num_slots / num_experts rows per expert.
+  sized: Callable[[int, int], Backend] | None = None
+
+  def for_dispatch(self, num_slots: int, num_experts: int) -> Backend:
+    """This backend tiled for num_slots (token, slot) rows over num_experts.
+
+    Call it where the dispatch plan is made and use the returned backend for
+    both the plan (row_alignment, row_multiple) and the FFN, so the row
+    padding and the kernel's block size come from one object. Static: the
+    arguments are trace-time shapes. Backends without a rule return self.
+    """
+    return self if self.sized is None else self.sized(num_slots, num_experts)
 
 
 def gmm_loop(x: Array, w: Array, group_sizes: Array) -> Array:
@@ -78,21 +93,61 @@ def gmm_pallas(x: Array, w: Array, group_sizes: Array) -> Array:
                                    preferred_element_type=x.dtype)
 
 
-# Block size and blocks per iteration of the blocked backend, tuned on the
-# 154M layer shape on 2 CPU cores (python -m moe_jax.bench.layer --sweep).
-BLOCK_ROWS = 128
+# Tiles of the blocked backend. Every group is padded to whole blocks, so a
+# block much larger than an expert's rows is mostly padding: at 128 tokens of
+# the 154M layer (T*K/E = 15.5 rows per expert) 128-row blocks multiply 8x
+# more rows than there are. The block is therefore the expected rows per
+# expert T*K/E rounded to a power of two in [MIN_BLOCK_ROWS, MAX_BLOCK_ROWS],
+# two blocks per loop iteration. Tuned on the 154M layer shape (E 66, k 8,
+# d 512, m 128, relu), 2 CPU cores, at 64 to 4096 tokens: 16-row blocks beat
+# 32 and 64 at 128 tokens (8 was no faster even at 64 tokens), 64 beat 32 and
+# 128 at 512, 128 stays best at 4096; 4 or 8 blocks per step were no faster.
+MIN_BLOCK_ROWS = 16
+MAX_BLOCK_ROWS = 128
 BLOCKS_PER_STEP = 2
+# The block of the unsized `blocked` backend (direct gmm calls, and dispatch
+# plans made without for_dispatch).
+BLOCK_ROWS = MAX_BLOCK_ROWS
+
+
+def blocked_block_rows(num_slots: int, num_experts: int) -> int:
+  """Rows per block of the blocked backend for a dispatch (static shapes).
+
+  Args:
+    num_slots: T*K (token, slot) pairs dispatched.
+    num_experts: E experts they are spread over.
+  Returns:
+    BM: the expected rows per expert T*K/E rounded to the nearest power of
+    two (on a log scale), clamped to [MIN_BLOCK_ROWS, MAX_BLOCK_ROWS].
+  """
+  rows_per_expert = max(num_slots, 1) / max(num_experts, 1)
+  nearest = 1 << max(0, round(math.log2(rows_per_expert)))
+  return min(MAX_BLOCK_ROWS, max(MIN_BLOCK_ROWS, nearest))
+
+
+@functools.lru_cache(maxsize=None)
+def blocked_backend(block_rows: int = BLOCK_ROWS,
+                    blocks_per_step: int = BLOCKS_PER_STEP) -> Backend:
+  """The blocked backend with BM-row blocks, G blocks per loop iteration.
+
+  Its row alignment is BM and its row multiple G (blocked_gmm.py); its shape
+  rule picks BM with blocked_block_rows.
+  """
+  return Backend(
+      functools.partial(blocked_gmm.gmm_blocked, block_rows=block_rows,
+                        blocks_per_step=blocks_per_step),
+      row_alignment=block_rows, row_multiple=blocks_per_step,
+      moe_ffn=functools.partial(
+          blocked_gmm.moe_ffn_blocked, block_rows=block_rows,
+          blocks_per_step=blocks_per_step),
+      sized=lambda num_slots, num_experts: blocked_backend(
+          blocked_block_rows(num_slots, num_experts), blocks_per_step))
+
 
 BACKENDS: dict[str, Backend] = {
     'loop': Backend(gmm_loop),
     'ragged_dot': Backend(gmm_ragged_dot),
-    'blocked': Backend(
-        functools.partial(blocked_gmm.gmm_blocked, block_rows=BLOCK_ROWS,
-                          blocks_per_step=BLOCKS_PER_STEP),
-        row_alignment=BLOCK_ROWS, row_multiple=BLOCKS_PER_STEP,
-        moe_ffn=functools.partial(
-            blocked_gmm.moe_ffn_blocked, block_rows=BLOCK_ROWS,
-            blocks_per_step=BLOCKS_PER_STEP)),
+    'blocked': blocked_backend(),
     'pallas': Backend(gmm_pallas, row_alignment=1, row_multiple=1),
 }
 

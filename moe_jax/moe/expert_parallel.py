@@ -72,6 +72,8 @@ def _local_ep_ffn(params, x, weight, expert_index, *, num_experts: int,
       dest, position].set(flat % per_shard, mode='drop')           # [n, C]
   recv_x = _exchange(send_x, axis).reshape(shards * slots, d)
   recv_e = _exchange(send_e, axis).reshape(shards * slots, 1)
+  # About T_l*K real rows arrive (balanced routing), over E / n local experts.
+  backend = backend.for_dispatch(slots, per_shard)
   plan = dispatch_lib.plan(recv_e, per_shard, backend.row_alignment,
                            backend.row_multiple)
   ones = jnp.ones((shards * slots, 1), weight.dtype)

@@ -201,6 +201,8 @@ class MoEBlock(nn.Module):
             num_experts=self.num_experts, expert_axis=self.expert_axis,
             activation=self.activation, backend=backend), no_drops
     with jax.named_scope('dispatch'):
+      # Tiles sized for this token count; the plan pads rows to the same.
+      backend = backend.for_dispatch(out.expert_index.size, self.num_experts)
       plan = dispatch_lib.plan(out.expert_index, self.num_experts,
                                backend.row_alignment, backend.row_multiple)
     with jax.named_scope('experts'):
