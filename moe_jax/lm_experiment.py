@@ -190,6 +190,11 @@ def _train_config(p: dict, tiny: bool) -> ConfigDict:
   # Regexes over parameter paths ('layer_0/moe/experts/w_in'); a parameter
   # trains when one matches (big_vision-style). Others get no update.
   train.trainable = ('.*',)
+  # Activation rematerialisation of every decoder layer: 'none' | 'full' |
+  # 'save_dots' | 'dots_with_no_batch_dims' | 'save_qkv_proj' |
+  # 'save_attention_out' (models/decoder.py REMAT_POLICIES); memory per
+  # policy: python -m moe_jax.bench.memory --config=...
+  train.remat = 'none'
   # Steps between quick zero-shot evaluations during training (0: never);
   # metrics.jsonl split 'zero_shot' and TensorBoard zero_shot/*. Uses
   # config.eval.data_dir; a multiple of checkpoint_every lets

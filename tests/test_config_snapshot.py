@@ -34,6 +34,7 @@ ADDED = {
         'router': '', 'num_experts': 8, 'top_k': 2, 'granularity': 1,
         'shared_experts': 0, 'shared_mix': 'half', 'noise': 0.0, 'seed': 0,
         'router_seed': 'per_layer'}},
+    'train.remat': 'none',
     'train.eval_tasks_every': 0,
     'train.eval_tasks': 'blimp,piqa,arc',
     'train.eval_tasks_max_examples': 50,

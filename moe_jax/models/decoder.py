@@ -15,6 +15,13 @@ LayerNorm 1 / 0; the MoE tensors as given by the block's std fields.
 
 MoE++'s gating residual threads each MoE layer's router logits to the next.
 
+Activation rematerialisation (`remat`, from the config's `train.remat`) wraps
+every DecoderLayer in flax's lifted jax.checkpoint with one of REMAT_POLICIES;
+the parameter tree is the same with and without it. The tensors the named
+policies keep are tagged with jax.ad_checkpoint.checkpoint_name: 'query',
+'key', 'value' (after RoPE) and 'attention_out' (the attention block's
+output, before its residual add).
+
 Dimension legend: B batch, S sequence, D model width, H heads, Dh head width,
 L layers, V vocabulary.
 """
@@ -26,6 +33,7 @@ from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
+from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 import ml_collections
 
@@ -48,6 +56,37 @@ NORMS = ('layernorm', 'rmsnorm')
 ATTENTION_BIASES = ('none', 'qkv', 'all')
 QK_NORMS = ('none', 'per_head', 'full')
 KV_PROJECTIONS = ('fused', 'separate')
+
+_POLICIES = jax.checkpoint_policies
+# train.remat -> what each layer keeps for the backward pass (jax's
+# checkpoint_policies); everything else is recomputed from the layer's input.
+# 'none' keeps everything (no remat at all).
+REMAT_POLICIES = {
+    'none': None,
+    # Only the layer inputs: the whole layer is recomputed (least memory).
+    'full': _POLICIES.nothing_saveable,
+    # Every dot_general output (q/k/v and output projections, attention
+    # scores and context on the XLA path, router logits). Grouped expert
+    # matmuls (ragged_dot, Pallas, blocked loops) are not dot_generals and
+    # are recomputed.
+    'save_dots': _POLICIES.dots_saveable,
+    # Dots without batch dimensions: the projections and router logits, not
+    # the attention scores / context (MaxText's 'minimal').
+    'dots_with_no_batch_dims': _POLICIES.dots_with_no_batch_dims_saveable,
+    # The q/k/v projections after RoPE (MaxText's 'save_qkv_proj').
+    'save_qkv_proj': _POLICIES.save_only_these_names('query', 'key', 'value'),
+    # The attention block's output (after its projection): the FFN half is
+    # recomputed from it without the attention (which is still recomputed
+    # for its own backward). About 'full''s memory.
+    'save_attention_out': _POLICIES.save_only_these_names('attention_out'),
+}
+
+
+def remat_policy(name: str, field: str = 'remat'):
+  """The jax.checkpoint policy of a REMAT_POLICIES name (None for 'none')."""
+  require(name in REMAT_POLICIES, field, f'one of {tuple(REMAT_POLICIES)}',
+          name)
+  return REMAT_POLICIES[name]
 
 
 def norm_layer(kind: str, eps: float, name: str, axis_name: str = 'embed'):
@@ -128,6 +167,9 @@ class Attention(nn.Module):
                                           self.rope_scaling)
     q = apply_rope(q, positions, rotate, inv_freq, scale)
     k = apply_rope(k, positions, rotate, inv_freq, scale)
+    q = checkpoint_name(q, 'query')
+    k = checkpoint_name(k, 'key')
+    v = checkpoint_name(v, 'value')
     out = jax.nn.dot_product_attention(q, k, v, mask=mask,
                                        is_causal=True)      # [B, S, H, Dh]
     return dense(d, ('heads', 'embed'), 'out', self.bias == 'all')(
@@ -145,13 +187,19 @@ class DecoderLayer(nn.Module):
   norm_eps: float = 1e-6
   dtype: Any = jnp.float32
 
+  # The arguments are positional so that nn.remat can mark `train` (a
+  # Python bool the MoE block branches on) static: jax.checkpoint traces
+  # keyword arguments.
   @nn.compact
-  def __call__(self, x, positions, mask, *, train, step, prev_logits):
+  def __call__(self, x, positions, mask, train: bool = False, step=0,
+               prev_logits=None):
+    """x [B, S, D] -> (x [B, S, D], aux); see TransformerLM."""
     ln = lambda name: norm_layer(self.norm, self.norm_eps, name)
-    x = x + Attention(self.num_heads, self.head_dim, self.num_layers,
-                      **self.attention, norm_eps=self.norm_eps,
-                      dtype=self.dtype, name='attention')(
-                          ln('ln1')(x), positions, mask)
+    attention_out = Attention(self.num_heads, self.head_dim, self.num_layers,
+                              **self.attention, norm_eps=self.norm_eps,
+                              dtype=self.dtype, name='attention')(
+                                  ln('ln1')(x), positions, mask)
+    x = x + checkpoint_name(attention_out, 'attention_out')
     if self.dense_ffn:
       y, aux = layer_lib.DenseFFNBlock(**self.ffn, dtype=self.dtype,
                                        name='ffn')(ln('ln2')(x))
@@ -198,6 +246,8 @@ class TransformerLM(nn.Module):
   tie_embeddings: bool = False
   # A bias on the output layer (LibMoE has one).
   output_bias: bool = True
+  # Activation rematerialisation of every layer, a key of REMAT_POLICIES.
+  remat: str = 'none'
   dtype: Any = jnp.float32
 
   def _validate(self):
@@ -207,6 +257,7 @@ class TransformerLM(nn.Module):
                           ('kv_projection', KV_PROJECTIONS)):
       require(getattr(self, name) in allowed, name, f'one of {allowed}',
               getattr(self, name))
+    remat_policy(self.remat)
     kv = self.num_kv_heads or self.num_heads
     require(self.num_heads % kv == 0, 'num_kv_heads',
             f'a divisor of num_heads={self.num_heads}', self.num_kv_heads)
@@ -236,14 +287,19 @@ class TransformerLM(nn.Module):
                      rope_theta=self.rope_theta,
                      rope_scaling=self.rope_scaling, bias=self.attention_bias,
                      qk_norm=self.qk_norm, kv_projection=self.kv_projection)
+    layer = DecoderLayer
+    if self.remat != 'none':
+      # static_argnums counts `self` as 0: 4 is `train`. The lifted
+      # transform keeps the layer's name, so the parameter tree is unchanged.
+      layer = nn.remat(DecoderLayer, policy=remat_policy(self.remat),
+                       static_argnums=(4,))
     auxes, prev_logits = [], None
     for i in range(self.num_layers):
-      x, aux = DecoderLayer(self.num_heads, self.head_dim, self.num_layers,
-                            self.ffn, self.dense_ffn, attention, self.norm,
-                            self.norm_eps, self.dtype,
-                            name=f'layer_{i}')(x, positions, mask,
-                                               train=train, step=step,
-                                               prev_logits=prev_logits)
+      x, aux = layer(self.num_heads, self.head_dim, self.num_layers,
+                     self.ffn, self.dense_ffn, attention, self.norm,
+                     self.norm_eps, self.dtype,
+                     name=f'layer_{i}')(x, positions, mask, train, step,
+                                        prev_logits)
       x = constrain(x, ('batch', 'seq', 'embed'))
       prev_logits = aux.get('router_logits')
       auxes.append(aux)
@@ -272,6 +328,9 @@ def ffn_kwargs(config: ml_collections.ConfigDict) -> dict:
 
 
 def from_config(config: ml_collections.ConfigDict) -> TransformerLM:
-  """TransformerLM(**config.model, ffn=config.moe | config.dense, dtype)."""
+  """TransformerLM(**config.model, ffn=config.moe | config.dense, remat,
+  dtype); remat = train.remat, dtype = train.dtype."""
+  remat = config.train.remat
+  remat_policy(remat, field='train.remat')
   return TransformerLM(**config.model.to_dict(), ffn=ffn_kwargs(config),
-                       dtype=jnp.dtype(config.train.dtype))
+                       remat=remat, dtype=jnp.dtype(config.train.dtype))
