@@ -166,15 +166,21 @@ class Scorer:
     """Scores with new variables of the same model (e.g. during training),
     reusing the compiled functions."""
     variables = (params, router_state, step)
-    if jax.process_count() > 1:
-      # Each process holds the whole (identical) variables, on its own
-      # devices: assemble the replicated global arrays from host copies.
-      host = jax.tree.map(np.asarray, variables)
-      self._variables = jax.tree.map(
-          lambda a: jax.make_array_from_callback(
-              a.shape, self._replicated, lambda index: a[index]), host)
-    else:
+    if jax.process_count() == 1:
       self._variables = jax.device_put(variables, self._replicated)
+      return
+
+    def replicate(leaf):
+      if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+        # A global array (e.g. FSDP-sharded training state): reshard.
+        return jax.device_put(leaf, self._replicated)
+      # This process's whole copy (a restored checkpoint on a local
+      # device): the global array's shards come from host memory.
+      host = np.asarray(leaf)
+      return jax.make_array_from_callback(host.shape, self._replicated,
+                                          lambda index: host[index])
+
+    self._variables = jax.tree.map(replicate, variables)
 
   def _bucket(self, length: int) -> int:
     return next(b for b in self.buckets if b >= length)
