@@ -195,6 +195,9 @@ def _train_config(p: dict, tiny: bool) -> ConfigDict:
   # 'save_attention_out' (models/decoder.py REMAT_POLICIES); memory per
   # policy: python -m moe_jax.bench.memory --config=...
   train.remat = 'none'
+  # dot_product_attention: 'auto' (cuDNN's fused kernel on a GPU in bf16 /
+  # fp16 when a start-up probe passes, else XLA) | 'xla' | 'cudnn'.
+  train.attention = 'auto'
   # Steps between quick zero-shot evaluations during training (0: never);
   # metrics.jsonl split 'zero_shot' and TensorBoard zero_shot/*. Uses
   # config.eval.data_dir; a multiple of checkpoint_every lets

@@ -55,6 +55,7 @@ from moe_jax import state as state_lib
 from moe_jax.analysis import tracing
 from moe_jax.convert import init_from_hf
 from moe_jax.data import from_config
+from moe_jax.models import attention_probe
 from moe_jax.moe import backend_probe
 from moe_jax.moe import router as router_lib
 from moe_jax.state import TrainState
@@ -454,6 +455,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
   # moe.backend='auto' -> the backend this machine runs (a start-up probe on
   # a GPU), before it is validated and written to config.json.
   backend_probe.resolve_config(config)
+  attention_probe.resolve_config(config)
   config_lib.validate(config, num_devices=jax.device_count())
   train_cfg = config.train
   workdir = os.path.abspath(workdir)

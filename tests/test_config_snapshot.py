@@ -35,6 +35,7 @@ ADDED = {
         'shared_experts': 0, 'shared_mix': 'half', 'noise': 0.0, 'seed': 0,
         'router_seed': 'per_layer'}},
     'train.remat': 'none',
+    'train.attention': 'auto',
     'train.eval_tasks_every': 0,
     'train.eval_tasks': 'blimp,piqa,arc',
     'train.eval_tasks_max_examples': 50,

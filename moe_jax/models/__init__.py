@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from moe_jax.models import attention_probe
 from moe_jax.models import decoder
 from moe_jax.moe import backend_probe
 
@@ -27,10 +28,13 @@ def build(config: ml_collections.ConfigDict):
 
   moe.backend='auto' is resolved first, in place (moe/backend_probe.py:
   blocked on a CPU, the Pallas kernel on a GPU if its start-up probe
-  passes), so the config then names the backend the model runs.
+  passes), so the config then names the backend the model runs; so is
+  train.attention='auto' (models/attention_probe.py: cuDNN on a GPU in
+  half precision if its probe passes, else XLA).
   """
   if config.model_name not in MODELS:
     raise ValueError(f'model_name: expected one of {sorted(MODELS)}, got '
                      f'{config.model_name!r}')
   backend_probe.resolve_config(config)
+  attention_probe.resolve_config(config)
   return MODELS[config.model_name].from_config(config)

@@ -131,6 +131,8 @@ class Attention(nn.Module):
   qk_norm: str = 'none'
   norm_eps: float = 1e-6
   kv_projection: str = 'fused'
+  # 'xla' | 'cudnn' (fused; used only without a padding mask).
+  implementation: str = 'xla'
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -170,7 +172,10 @@ class Attention(nn.Module):
     q = checkpoint_name(q, 'query')
     k = checkpoint_name(k, 'key')
     v = checkpoint_name(v, 'value')
+    implementation = 'cudnn' if (self.implementation == 'cudnn' and
+                                 mask is None) else 'xla'
     out = jax.nn.dot_product_attention(q, k, v, mask=mask,
+                                       implementation=implementation,
                                        is_causal=True)      # [B, S, H, Dh]
     return dense(d, ('heads', 'embed'), 'out', self.bias == 'all')(
         out.reshape(b, s, h * dh))
@@ -248,6 +253,9 @@ class TransformerLM(nn.Module):
   output_bias: bool = True
   # Activation rematerialisation of every layer, a key of REMAT_POLICIES.
   remat: str = 'none'
+  # dot_product_attention implementation: 'xla' | 'cudnn' (unmasked calls;
+  # models/attention_probe.py resolves train.attention='auto').
+  attention: str = 'xla'
   dtype: Any = jnp.float32
 
   def _validate(self):
@@ -286,7 +294,8 @@ class TransformerLM(nn.Module):
                      rope_fraction=self.rope_fraction,
                      rope_theta=self.rope_theta,
                      rope_scaling=self.rope_scaling, bias=self.attention_bias,
-                     qk_norm=self.qk_norm, kv_projection=self.kv_projection)
+                     qk_norm=self.qk_norm, kv_projection=self.kv_projection,
+                     implementation=self.attention)
     layer = DecoderLayer
     if self.remat != 'none':
       # static_argnums counts `self` as 0: 4 is `train`. The lifted
@@ -333,4 +342,5 @@ def from_config(config: ml_collections.ConfigDict) -> TransformerLM:
   remat = config.train.remat
   remat_policy(remat, field='train.remat')
   return TransformerLM(**config.model.to_dict(), ffn=ffn_kwargs(config),
-                       remat=remat, dtype=jnp.dtype(config.train.dtype))
+                       remat=remat, attention=config.train.attention,
+                       dtype=jnp.dtype(config.train.dtype))
