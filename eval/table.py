@@ -43,7 +43,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 
 import matplotlib
 
@@ -467,19 +466,6 @@ def plot(summary: pd.DataFrame) -> plt.Figure:
   return fig
 
 
-def _write_bytes_atomic(path: str, data: bytes) -> None:
-  """Like run_log.write_text_atomic, for bytes."""
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or '.', suffix='.tmp')
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      f.write(data)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
 def write_outputs(summary: pd.DataFrame, frame: pd.DataFrame,
                   out_dir: str) -> dict[str, str]:
   """Writes table.md, table.csv, runs.csv and table.png to `out_dir`.
@@ -497,7 +483,7 @@ def write_outputs(summary: pd.DataFrame, frame: pd.DataFrame,
   buffer = io.BytesIO()
   fig.savefig(buffer, format='png', dpi=120)
   plt.close(fig)
-  _write_bytes_atomic(paths['table.png'], buffer.getvalue())
+  run_log.write_bytes_atomic(paths['table.png'], buffer.getvalue())
   return paths
 
 

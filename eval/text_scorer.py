@@ -23,8 +23,6 @@ tokenizer) and the constructor (a Scorer and a tokenizer already at hand).
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Sequence
 
 import ml_collections
@@ -75,17 +73,6 @@ def run_prefix(config: ml_collections.ConfigDict, tokenizer) -> list[int]:
   return document_prefix(tokenizer, separator=separator)
 
 
-def saved_config(workdir: str) -> ml_collections.ConfigDict:
-  """The run's resolved config (its config.json) as a ConfigDict."""
-  path = os.path.join(workdir, run_log.CONFIG_FILE)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'{path}: no config.json; is {workdir!r} a '
-                            'moe_jax workdir (python -m moe_jax.main '
-                            '--workdir=...)?')
-  with open(path, encoding='utf-8') as f:
-    return ml_collections.ConfigDict(json.load(f))
-
-
 class TextScorer:
   """Log-likelihoods and greedy continuations of strings.
 
@@ -123,7 +110,8 @@ class TextScorer:
         built from a modified config with the same parameters (DropTop).
       progress: show progress bars.
     """
-    config = config if config is not None else saved_config(workdir)
+    config = (config if config is not None else
+              run_log.load_saved_config(workdir))
     run = restore.restore_run(config, workdir, step, what='evaluate')
     return cls.from_run(run, config, workdir, batch_size=batch_size,
                         max_len=max_len, model=model, progress=progress)

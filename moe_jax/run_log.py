@@ -23,6 +23,7 @@ import tempfile
 from typing import Any, Mapping
 
 from absl import logging
+import ml_collections
 import numpy as np
 
 METRICS_FILE = 'metrics.jsonl'
@@ -31,10 +32,15 @@ CONFIG_FILE = 'config.json'
 
 def write_text_atomic(path: str, text: str) -> None:
   """Writes `text` to `path` via a temporary file and a rename (all or nothing)."""
+  write_bytes_atomic(path, text.encode('utf-8'))
+
+
+def write_bytes_atomic(path: str, data: bytes) -> None:
+  """Writes `data` to `path` via a temporary file and a rename."""
   fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or '.', suffix='.tmp')
   try:
-    with os.fdopen(fd, 'w', encoding='utf-8') as f:
-      f.write(text)
+    with os.fdopen(fd, 'wb') as f:
+      f.write(data)
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
@@ -51,6 +57,21 @@ def flatten(tree: Mapping, prefix: str = '') -> dict[str, Any]:
     else:
       out[f'{prefix}{key}'] = value
   return out
+
+
+def load_saved_config(workdir: str) -> ml_collections.ConfigDict:
+  """The workdir's resolved config (its config.json) as a ConfigDict.
+
+  Raises:
+    FileNotFoundError: no config.json (not a moe_jax run directory).
+  """
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'{path}: no config.json; {workdir!r} is not a '
+                            'moe_jax run directory (python -m moe_jax.main '
+                            '--workdir=...)')
+  with open(path, encoding='utf-8') as f:
+    return ml_collections.ConfigDict(json.load(f))
 
 
 def read_saved_config(workdir: str) -> dict[str, Any] | None:

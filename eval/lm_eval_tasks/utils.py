@@ -19,8 +19,11 @@ MOE_JAX_LM_EVAL_DATA, else <repo>/../shared/data/lm_eval. It holds one
 folder per task (piqa/, siqa/, commonsenseqa/, arc/, race/, blimp/,
 lambada/).
 
-This file is loaded by lm-eval from its path (not as part of the `eval`
-package), so it imports nothing of the project.
+The documents are the native evaluator's items (eval/tasks/ readers, the
+one place that parses the task files), so lm-eval sees the same questions,
+prompts and options in the same order: {context, choices, label} per
+multiple-choice item, {context, word} per LAMBADA passage. lm-eval loads
+this file from its path; it imports the installed `eval` package.
 
 Run `python eval/lm_eval_tasks/utils.py` to rewrite the 67 BLiMP paradigm
 YAMLs and the blimp_local group from the paradigm files found.
@@ -28,27 +31,30 @@ YAMLs and the blimp_local group from the paradigm files found.
 
 from __future__ import annotations
 
+import functools
 import glob
-import json
 import os
 import pathlib
-from typing import Any, Iterator
+from typing import Any
 
 import datasets
+
+from eval import tasks as tasks_lib
 
 ENV = 'MOE_JAX_LM_EVAL_DATA'
 HERE = pathlib.Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 DEFAULT_DATA_DIR = REPO.parent / 'shared' / 'data' / 'lm_eval'
 
-# ARC: subset -> (converted file, canonical AI2 folder); see eval/tasks/arc.py.
-ARC_FILES = {
-    'easy': ('arc_easy_test.jsonl', 'ARC-Easy'),
-    'challenge': ('arc_challenge_test.jsonl', 'ARC-Challenge'),
-}
-ARC_NUM_CHOICES = 4
-RACE_LEVELS = ('high', 'middle')
-RACE_LETTERS = ('A', 'B', 'C', 'D')
+# local_task -> lm-eval split name. Tasks with subsets (ARC easy/challenge,
+# RACE high/middle, BLiMP paradigms) keep one group of the native items.
+SPLITS = {'piqa': 'validation', 'siqa': 'validation',
+          'commonsenseqa': 'validation', 'arc': 'test', 'race': 'test',
+          'blimp': 'test', 'lambada': 'test'}
+# Tasks whose options start with §7's `" " +` space: the YAML's
+# target_delimiter holds it, so lm-eval's acc_norm counts the option's own
+# characters, as it does for its built-in tasks.
+DELIMITED = ('piqa', 'arc')
 
 
 def data_dir() -> pathlib.Path:
@@ -57,137 +63,41 @@ def data_dir() -> pathlib.Path:
   return pathlib.Path(value) if value else DEFAULT_DATA_DIR
 
 
-def _require(path: pathlib.Path | str) -> str:
-  """`path` as a string if it is a file, else a FileNotFoundError naming it
-  and the environment variable that sets the data folder."""
-  if not os.path.isfile(path):
+@functools.cache
+def _items(local_task: str, root: str) -> tuple:
+  """The native reader's items of a task under `root`, read once."""
+  spec = tasks_lib.TASKS[local_task]
+  try:
+    return tuple(spec.load(os.path.join(root, spec.subdir)))
+  except FileNotFoundError as e:
     raise FileNotFoundError(
-        f'{path}: lm-eval data file not found. The local lm-eval tasks read '
-        f'the folder named by the environment variable {ENV} (now '
-        f'{os.environ.get(ENV)!r}; default {DEFAULT_DATA_DIR}), which holds '
-        'one folder per task, e.g. <folder>/piqa/valid.jsonl')
-  return str(path)
+        f'{e} For the local lm-eval tasks the folder is named by the '
+        f'environment variable {ENV} (now {os.environ.get(ENV)!r}; default '
+        f'{DEFAULT_DATA_DIR}).') from None
 
 
-def _jsonl(path: pathlib.Path | str) -> Iterator[dict[str, Any]]:
-  """The objects of a JSON-lines file (blank lines skipped)."""
-  with open(_require(path), encoding='utf-8') as f:
-    for lineno, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      try:
-        yield json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f'{path} line {lineno}: not valid JSON ({e})') from e
+def _document(local_task: str, item) -> dict[str, Any]:
+  if local_task == 'lambada':
+    return {'context': item.context, 'word': item.word}
+  choices = list(item.options)
+  if local_task in DELIMITED:
+    if not all(c.startswith(' ') for c in choices):
+      raise ValueError(f'{local_task}: expected every option to start with '
+                       f"' ' (the target_delimiter), got {choices!r}")
+    choices = [c[1:] for c in choices]
+  return {'context': item.context, 'choices': choices, 'label': item.label}
 
 
-def _labels(path: pathlib.Path | str) -> list[str]:
-  with open(_require(path), encoding='utf-8') as f:
-    return [line.strip() for line in f if line.strip()]
-
-
-def _aligned(records: list, labels: list, path, labels_path) -> None:
-  if len(records) != len(labels):
-    raise ValueError(f'{path} has {len(records)} examples but {labels_path} '
-                     f'has {len(labels)} labels; they are aligned line by '
-                     'line')
-
-
-def piqa_docs(root: pathlib.Path) -> list[dict[str, Any]]:
-  """{goal, sol1, sol2, label} of piqa/valid.jsonl + valid-labels.lst."""
-  path, labels_path = root / 'piqa' / 'valid.jsonl', root / 'piqa' / (
-      'valid-labels.lst')
-  records, labels = list(_jsonl(path)), _labels(labels_path)
-  _aligned(records, labels, path, labels_path)
-  return [{'goal': r['goal'], 'sol1': r['sol1'], 'sol2': r['sol2'],
-           'label': int(label)} for r, label in zip(records, labels)]
-
-
-def siqa_docs(root: pathlib.Path) -> list[dict[str, Any]]:
-  """{context, question, answerA..C, label 0-2} of siqa/dev.jsonl."""
-  path, labels_path = root / 'siqa' / 'dev.jsonl', root / 'siqa' / (
-      'dev-labels.lst')
-  records, labels = list(_jsonl(path)), _labels(labels_path)
-  _aligned(records, labels, path, labels_path)
-  return [{'context': r['context'], 'question': r['question'],
-           'answerA': r['answerA'], 'answerB': r['answerB'],
-           'answerC': r['answerC'], 'label': int(label) - 1}
-          for r, label in zip(records, labels)]
-
-
-def commonsenseqa_docs(root: pathlib.Path) -> list[dict[str, Any]]:
-  """{question (the stem), choices (texts in label order), label}."""
-  docs = []
-  for r in _jsonl(root / 'commonsenseqa' / 'dev_rand_split.jsonl'):
-    choices = sorted((c['label'], c['text']) for c in r['question']['choices'])
-    labels = [label for label, _ in choices]
-    docs.append({'question': r['question']['stem'],
-                 'choices': [text for _, text in choices],
-                 'label': labels.index(r['answerKey'])})
-  return docs
-
-
-def arc_docs(root: pathlib.Path, subset: str) -> list[dict[str, Any]]:
-  """{question (the stem), choices, label} of one ARC test split.
-
-  AI2's canonical file when present (questions without exactly 4 choices
-  skipped, as LibMoE does), else the converted file (questions whose
-  choices repeat, i.e. padded 3-choice ones, dropped); the same rule as
-  eval/tasks/arc.py.
-  """
-  if subset not in ARC_FILES:
-    raise ValueError(f'ARC subset {subset!r}; expected one of '
-                     f'{sorted(ARC_FILES)}')
-  converted, folder = ARC_FILES[subset]
-  task_dir = root / 'arc'
-  name = f'{folder}-Test.jsonl'
-  canonical = [p for p in (task_dir / name, task_dir / folder / name,
-                           task_dir / 'ARC-V1-Feb2018-2' / folder / name)
-               if p.is_file()]
-  docs = []
-  if canonical:
-    for r in _jsonl(canonical[0]):
-      choices = r['question']['choices']
-      if len(choices) != ARC_NUM_CHOICES:
-        continue
-      docs.append({'question': r['question']['stem'],
-                   'choices': [c['text'] for c in choices],
-                   'label': [c['label'] for c in choices].index(
-                       r['answerKey'])})
-    return docs
-  prefix = 'Question: '
-  path = task_dir / converted
-  for r in _jsonl(path):
-    choices = r['choices']
-    if len(choices) != ARC_NUM_CHOICES or len(set(choices)) != len(choices):
-      continue
-    if not r['query'].startswith(prefix):
-      raise ValueError(f'{path}: query {r["query"][:60]!r} does not start '
-                       f'with {prefix!r}')
-    docs.append({'question': r['query'][len(prefix):], 'choices': choices,
-                 'label': int(r['gold'])})
-  return docs
-
-
-def race_docs(root: pathlib.Path, level: str) -> list[dict[str, Any]]:
-  """{article, question, options, label}: one document per question of
-  race/test/<level>/*.txt, files in sorted order."""
-  if level not in RACE_LEVELS:
-    raise ValueError(f'RACE level {level!r}; expected one of {RACE_LEVELS}')
-  pattern = str(root / 'race' / 'test' / level / '*.txt')
-  paths = sorted(glob.glob(pattern))
-  if not paths:
-    _require(pattern)
-  docs = []
-  for path in paths:
-    with open(path, encoding='utf-8') as f:
-      r = json.load(f)
-    for question, options, answer in zip(r['questions'], r['options'],
-                                         r['answers'], strict=True):
-      docs.append({'article': r['article'], 'question': question,
-                   'options': list(options),
-                   'label': RACE_LETTERS.index(answer)})
-  return docs
+def load_docs(local_task: str, local_subset: str | None = None
+              ) -> tuple[str, list[dict[str, Any]]]:
+  """(split name, documents) of one local task, read from data_dir()."""
+  if local_task not in SPLITS:
+    raise ValueError(f'dataset_kwargs.local_task={local_task!r}; expected '
+                     f'one of {sorted(SPLITS)}')
+  items = _items(local_task, str(data_dir()))
+  if local_subset is not None:
+    items = [item for item in items if item.group == local_subset]
+  return SPLITS[local_task], [_document(local_task, i) for i in items]
 
 
 def blimp_paradigms(root: pathlib.Path | None = None) -> list[str]:
@@ -195,57 +105,6 @@ def blimp_paradigms(root: pathlib.Path | None = None) -> list[str]:
   root = data_dir() if root is None else root
   return sorted(pathlib.Path(p).stem
                 for p in glob.glob(str(root / 'blimp' / '*.jsonl')))
-
-
-def blimp_docs(root: pathlib.Path, paradigm: str) -> list[dict[str, Any]]:
-  """{sentence_good, sentence_bad} of blimp/<paradigm>.jsonl."""
-  return [{'sentence_good': r['sentence_good'],
-           'sentence_bad': r['sentence_bad']}
-          for r in _jsonl(root / 'blimp' / f'{paradigm}.jsonl')]
-
-
-def split_last_word(text: str) -> tuple[str, str]:
-  """(context, word) as eval/lambada.py splits a LAMBADA passage: the text
-  before its last whitespace-delimited word (trailing whitespace removed)
-  and that word."""
-  parts = text.rstrip().rsplit(None, 1)
-  if not parts:
-    raise ValueError('empty LAMBADA passage: no last word to predict')
-  if len(parts) == 1:
-    return '', parts[0]
-  return parts[0].rstrip(), parts[1]
-
-
-def lambada_docs(root: pathlib.Path) -> list[dict[str, Any]]:
-  """{text, context, word} of lambada/lambada_test.jsonl."""
-  docs = []
-  for r in _jsonl(root / 'lambada' / 'lambada_test.jsonl'):
-    context, word = split_last_word(r['text'])
-    docs.append({'text': r['text'], 'context': context, 'word': word})
-  return docs
-
-
-# local_task -> (split name, reader(root, subset) -> documents)
-READERS = {
-    'piqa': ('validation', lambda root, _: piqa_docs(root)),
-    'siqa': ('validation', lambda root, _: siqa_docs(root)),
-    'commonsenseqa': ('validation',
-                      lambda root, _: commonsenseqa_docs(root)),
-    'arc': ('test', arc_docs),
-    'race': ('test', race_docs),
-    'blimp': ('test', blimp_docs),
-    'lambada': ('test', lambda root, _: lambada_docs(root)),
-}
-
-
-def load_docs(local_task: str, local_subset: str | None = None
-              ) -> tuple[str, list[dict[str, Any]]]:
-  """(split name, documents) of one local task, read from data_dir()."""
-  if local_task not in READERS:
-    raise ValueError(f'dataset_kwargs.local_task={local_task!r}; expected '
-                     f'one of {sorted(READERS)}')
-  split, reader = READERS[local_task]
-  return split, reader(data_dir(), local_subset)
 
 
 def custom_dataset(local_task: str = '', local_subset: str | None = None,
@@ -256,7 +115,7 @@ def custom_dataset(local_task: str = '', local_subset: str | None = None,
     local_task: piqa | siqa | commonsenseqa | arc | race | blimp | lambada
       (the YAML's dataset_kwargs).
     local_subset: ARC 'easy'/'challenge', RACE 'high'/'middle', BLiMP the
-      paradigm.
+      paradigm (a group of the native items).
     **unused: the task's metadata (version; under the CLI also the
       --model_args), which lm-eval passes too.
   """

@@ -321,13 +321,11 @@ def cmd_import(args: argparse.Namespace) -> None:
 
 def config_from_workdir(workdir: str) -> ConfigDict:
   """The resolved config a run wrote to W/config.json, as a ConfigDict."""
-  path = os.path.join(workdir, run_log.CONFIG_FILE)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'{path}: no config.json (--workdir is not a '
-                            'moe_jax run directory); pass --config=FILE '
-                            'for a run without one')
-  with open(path, encoding='utf-8') as f:
-    config = ConfigDict(json.load(f))
+  try:
+    config = run_log.load_saved_config(workdir)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f'{e}; pass --config=FILE for a run without '
+                            'one') from None
   # config.json holds the model init_from_hf resolved: resolving again would
   # need the HF directory to still exist, and gives the same model.
   config.init.hf_path = ''

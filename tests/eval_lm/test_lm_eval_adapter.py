@@ -29,6 +29,7 @@ from eval import lm_eval_compare
 from eval import tasks as tasks_lib
 from eval import text_scorer as text_scorer_lib
 from moe_jax import restore
+from moe_jax import run_log
 from moe_jax import scoring
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -263,7 +264,7 @@ def naive_logprob(forward, tokens, num_scored):
 
 def test_loglikelihood_rolling_equals_naive_forward(lm, text_scorer,
                                                     workdir):
-  config = text_scorer_lib.saved_config(str(workdir))
+  config = run_log.load_saved_config(str(workdir))
   run = restore.restore_run(config, str(workdir), what='evaluate')
   forward = jax.jit(lambda inputs: scoring.apply_model(
       run.model, run.params, run.router_state, inputs, train=False,
