@@ -21,15 +21,19 @@ prefixes router errors with 'moe.router_options.':
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
 from typing import Callable, Iterator, Mapping
 
 import ml_collections
 
+from moe_jax.data import images as images_lib
+from moe_jax.data import llava as llava_lib
 from moe_jax.data import pipeline as pipeline_lib
 from moe_jax.data import sources as sources_lib
 from moe_jax.data import tokenizer as tokenizer_lib
+from moe_jax.models import vision
 
 # Source arguments -> fields of config.data; 'path' and 'tfds_split' depend
 # on the source (training or validation), see _source_fields.
@@ -147,6 +151,8 @@ def build_data(config: ml_collections.ConfigDict,
       Both start with the config field to change.
   """
   data = config.data
+  if data.source == 'llava':
+    return build_llava_data(config)
   # Before any source or tokenizer is opened: a typo fails at once.
   if data.tokenizer_type not in tokenizer_lib.TOKENIZER_TYPES:
     choices = ' | '.join(repr(t) for t in tokenizer_lib.TOKENIZER_TYPES)
@@ -230,6 +236,32 @@ def build_data(config: ml_collections.ConfigDict,
         separator=data.doc_separator, max_tokens=data.max_tokens,
         max_valid_tokens=data.max_valid_tokens,
         cache_dir=data.cache_dir or os.path.join(workdir, 'cache'))
+
+
+def build_llava_data(config: ml_collections.ConfigDict):
+  """The VLM pipeline (data.source='llava'): LLaVA-format conversations and
+  their images (moe_jax/data/llava.py), with the LLM's tokenizer and the
+  tower's image preprocessing, `<image>` expanded to the tower's feature
+  rows."""
+  data = config.data
+  with _fields(_TOKENIZER_FIELDS):
+    tokenizer = tokenizer_lib.load_hf_tokenizer(data.tokenizer)
+  spec = images_lib.ImageSpec.from_preprocessor_config(data.image_processor)
+  if data.image_aspect not in images_lib.ASPECTS:
+    raise ValueError(f'config.data.image_aspect={data.image_aspect!r}: '
+                     f'expected one of {images_lib.ASPECTS}')
+  spec = dataclasses.replace(spec, aspect=data.image_aspect)
+  return llava_lib.build_llava_pipeline(
+      data.train_path, data.image_dir, tokenizer, spec,
+      template=data.template, seq_len=data.seq_len,
+      global_batch_size=config.train.global_batch,
+      image_token_id=config.vlm.image_token_id,
+      num_image_tokens=vision.num_features(
+          config.vision.kind, config.vision.image_size,
+          config.vision.patch_size, config.vision.feature_select),
+      seed=data.shuffle_seed, valid_json=data.eval_path or None,
+      valid_samples=config.train.eval_batches * config.train.global_batch,
+      too_long=data.too_long)
 
 
 def load_run_tokenizer(config: ml_collections.ConfigDict, workdir: str):
