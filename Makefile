@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV   := .venv
 STAMP  := $(VENV)/.installed
 
-.PHONY: .venv run test routing-report zero-shot-table clean distclean
+.PHONY: .venv run test routing-report zero-shot-table vlm-tiny clean distclean
 
 # (Re)install when setup.cfg or pyproject.toml is newer than the stamp.
 .venv: $(STAMP)
@@ -11,6 +11,9 @@ STAMP  := $(VENV)/.installed
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -e '.[test]'
+	# lmms-eval without its declared dependencies (they would replace the CPU
+	# torch with a CUDA build); what it needs is in setup.cfg's test extra.
+	$(VENV)/bin/pip install --no-deps lmms-eval==0.7.3
 	touch $@
 
 # The user's main command on the CPU-sized config (a few minutes, no files
@@ -58,6 +61,21 @@ zero-shot-table: .venv
 	  --set=data.eval_path=$(SHARED)/pretrain/c4_hf_parquet/c4-validation-00000-of-01637.parquet \
 	  --set=train.steps=400 --set=eval.data_dir=$(SHARED)/lm_eval \
 	  --tasks=lambada,blimp,piqa,arc,race,siqa,commonsenseqa --max_examples=200
+
+# LibMoE's three vision-language stages on the tiny config (tiny random HF
+# Phi-3 + SigLIP and the built-in shapes set, written into the workdirs):
+# PT (projector) -> PFT (everything dense) -> SFT (tower + projector
+# upcycled to MoE), each starting from the previous stage's checkpoint.
+VLM_ROUTER  ?= smoe
+VLM_WORKDIR ?= runs/vlm_$(VLM_ROUTER)_tiny
+
+vlm-tiny: .venv
+	$(VENV)/bin/python -m moe_jax.main --config=configs/vlm/$(VLM_ROUTER)_pt.py:tiny \
+	  --workdir=$(VLM_WORKDIR)/pt
+	$(VENV)/bin/python -m moe_jax.main --config=configs/vlm/$(VLM_ROUTER)_pft.py:tiny \
+	  --workdir=$(VLM_WORKDIR)/pft --config.init.previous_stage=$(VLM_WORKDIR)/pt
+	$(VENV)/bin/python -m moe_jax.main --config=configs/vlm/$(VLM_ROUTER)_sft.py:tiny \
+	  --workdir=$(VLM_WORKDIR)/sft --config.init.previous_stage=$(VLM_WORKDIR)/pft
 
 # Two pytest-xdist workers; --dist loadscope keeps each module (and its
 # module-scoped fixtures and compile caches) on one worker. On 2 CPU cores

@@ -27,8 +27,10 @@ from moe_jax.validation import require
 ConfigDict = ml_collections.ConfigDict
 
 DTYPES = ('float32', 'bfloat16', 'float16')
-DATA_SOURCES = ('files', 'array_record', 'tfds', 'synthetic')
+DATA_SOURCES = ('files', 'array_record', 'tfds', 'synthetic', 'llava')
 LAYER_REDUCTIONS = ('sum', 'mean')
+VISION_KINDS = ('siglip', 'clip')
+VLM_FFNS = ('dense', 'moe')
 SCHEDULES = ('cosine', 'constant')
 MESH_AXES = ('data', 'fsdp', 'expert', 'tensor')
 
@@ -88,7 +90,8 @@ def parse_arg(arg: str | None, **spec: Any) -> ConfigDict:
 # ----------------------------------------------------------------------------
 # Validation.
 
-def _validate_moe(config: ConfigDict) -> None:
+def _validate_moe(config: ConfigDict, d_model: int) -> None:
+  """config.moe of MoE layers of width `d_model`."""
   moe = config.moe
   require(moe.router in router_lib.ROUTERS, 'moe.router',
           f'one of {sorted(router_lib.ROUTERS)}', moe.router)
@@ -99,8 +102,8 @@ def _validate_moe(config: ConfigDict) -> None:
   require(isinstance(moe.top_k, int) and 1 <= moe.top_k <= moe.num_experts,
           'moe.top_k', f'an integer in [1, moe.num_experts={moe.num_experts}]',
           moe.top_k)
-  require(moe.d_model == config.model.d_model, 'moe.d_model',
-          f'model.d_model={config.model.d_model}', moe.d_model)
+  require(moe.d_model == d_model, 'moe.d_model', f'the layers\' width {d_model}',
+          moe.d_model)
   losses = tuple(moe.losses)
   bad = [n for n in losses if n not in losses_lib.LOSSES]
   require(not bad, 'moe.losses', f'names among {losses_lib.LOSSES}', bad)
@@ -138,6 +141,71 @@ def _validate_moe(config: ConfigDict) -> None:
             f'a divisor of moe.num_experts={moe.num_experts}', mesh.expert)
 
 
+def _validate_dense(config: ConfigDict) -> None:
+  model, dense = config.model, config.dense
+  require(dense.d_model == model.d_model, 'dense.d_model',
+          f'model.d_model={model.d_model}', dense.d_model)
+  require(dense.width >= 1, 'dense.width', 'an integer >= 1', dense.width)
+  require(dense.activation in activations.ACTIVATIONS, 'dense.activation',
+          f'one of {activations.ACTIVATIONS}', dense.activation)
+
+
+def _validate_vlm(config: ConfigDict) -> None:
+  """The VLM parts (moe_jax/vlm_experiment.py): LLM MLP, tower, vlm, moe."""
+  require(config.model.dense_ffn, 'model.dense_ffn',
+          "True (the VLM's LLM stays dense)", config.model.dense_ffn)
+  _validate_dense(config)
+  vision, vlm = config.vision, config.vlm
+  require(vision.kind in VISION_KINDS, 'vision.kind', f'one of {VISION_KINDS}',
+          vision.kind)
+  for name in ('image_size', 'patch_size', 'd_model', 'num_layers',
+               'num_heads', 'mlp_width'):
+    require(isinstance(vision[name], int) and vision[name] >= 1,
+            f'vision.{name}', 'an integer >= 1', vision[name])
+  require(vision.image_size % vision.patch_size == 0, 'vision.image_size',
+          f'a multiple of vision.patch_size={vision.patch_size}',
+          vision.image_size)
+  require(vision.activation in activations.ACTIVATIONS, 'vision.activation',
+          f'one of {activations.ACTIVATIONS}', vision.activation)
+  for name in ('tower_ffn', 'projector_ffn'):
+    require(vlm[name] in VLM_FFNS, f'vlm.{name}', f'one of {VLM_FFNS}',
+            vlm[name])
+  scales = tuple(vlm.s2_scales)
+  require(bool(scales) and scales[0] == 1 and
+          all(isinstance(s, int) and s >= 1 for s in scales), 'vlm.s2_scales',
+          'integers starting with 1 (LibMoE: (1, 3))', scales)
+  require(isinstance(vlm.image_token_id, int) and vlm.image_token_id >= 0,
+          'vlm.image_token_id', 'an integer >= 0', vlm.image_token_id)
+  train = config.train
+  for name in ('trace_every', 'eval_tasks_every'):
+    require(not train[name], f'train.{name}',
+            '0 for a VLM (text-only routing traces and zero-shot tasks)',
+            train[name])
+  if 'moe' in (vlm.tower_ffn, vlm.projector_ffn):
+    _validate_moe(config, vision.d_model)
+    hook = router_lib.ROUTERS[config.moe.router].step_hook
+    require(hook is None, 'moe.router',
+            'a router without a step hook in a VLM', config.moe.router)
+  else:
+    require(not dict(config.loss.coefficients), 'loss.coefficients',
+            "none when vlm.tower_ffn and vlm.projector_ffn are 'dense'",
+            dict(config.loss.coefficients))
+
+
+def _validate_layer_loop(config: ConfigDict) -> None:
+  """train.layer_loop='scan': the decoder only, and nothing that reads
+  layer_{i} parameters (HF import and upcycling)."""
+  loop = config.train.layer_loop
+  require(loop in ('unrolled', 'scan'), 'train.layer_loop',
+          "one of ('unrolled', 'scan')", loop)
+  require(config.model_name == 'decoder', 'train.layer_loop',
+          f"'unrolled' for model_name={config.model_name!r} (scan is the "
+          'decoder only)', loop)
+  require(not config.init.hf_path, 'train.layer_loop',
+          "'unrolled' with init.hf_path (HF import / upcycling read "
+          'layer_{i} parameters)', loop)
+
+
 def validate(config: ConfigDict, num_devices: int | None = None) -> None:
   """Checks a config once at start-up; raises ValueError naming the field.
 
@@ -169,20 +237,17 @@ def validate(config: ConfigDict, num_devices: int | None = None) -> None:
           config.loss.layer_reduction)
 
   # FFN.
-  if model.dense_ffn:
+  if config.model_name == 'llava':
+    _validate_vlm(config)
+  elif model.dense_ffn:
     require('dense' in config, 'dense', 'a sub-dict when model.dense_ffn',
             None)
-    dense = config.dense
-    require(dense.d_model == model.d_model, 'dense.d_model',
-            f'model.d_model={model.d_model}', dense.d_model)
-    require(dense.width >= 1, 'dense.width', 'an integer >= 1', dense.width)
-    require(dense.activation in activations.ACTIVATIONS, 'dense.activation',
-            f'one of {activations.ACTIVATIONS}', dense.activation)
+    _validate_dense(config)
     require(not dict(config.loss.coefficients), 'loss.coefficients',
             'none for the dense baseline', dict(config.loss.coefficients))
   else:
     require('moe' in config, 'moe', 'a sub-dict unless model.dense_ffn', None)
-    _validate_moe(config)
+    _validate_moe(config, model.d_model)
 
   # Training.
   require(train.steps >= 1, 'train.steps', 'an integer >= 1', train.steps)
@@ -212,6 +277,8 @@ def validate(config: ConfigDict, num_devices: int | None = None) -> None:
           train.seq_len)
   require(train.dtype in DTYPES, 'train.dtype', f'one of {DTYPES}',
           train.dtype)
+  if train.get('layer_loop', 'unrolled') != 'unrolled':
+    _validate_layer_loop(config)
   require(0 <= train.halt_at_step <= train.steps, 'train.halt_at_step',
           f'in [0, train.steps={train.steps}]', train.halt_at_step)
   for name in ('log_every', 'eval_every', 'eval_batches', 'checkpoint_every',
@@ -235,7 +302,7 @@ def validate(config: ConfigDict, num_devices: int | None = None) -> None:
 
   # Initialisation.
   upcycle = config.init.upcycle
-  if upcycle.router:
+  if upcycle.get('router'):
     require(bool(config.init.hf_path), 'init.upcycle.router',
             "'' unless init.hf_path names a dense model to upcycle",
             upcycle.router)

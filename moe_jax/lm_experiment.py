@@ -195,6 +195,10 @@ def _train_config(p: dict, tiny: bool) -> ConfigDict:
   # 'save_attention_out' (models/decoder.py REMAT_POLICIES); memory per
   # policy: python -m moe_jax.bench.memory --config=...
   train.remat = 'none'
+  # The decoder's layer loop: 'unrolled' (params layer_{i}) | 'scan' (one
+  # nn.scan over params stacked on a leading 'layers' axis: one layer to
+  # compile, not L). Checkpoints of the two do not load into each other.
+  train.layer_loop = 'unrolled'
   # dot_product_attention: 'auto' (cuDNN's fused kernel on a GPU in bf16 /
   # fp16 when a start-up probe passes, else XLA) | 'xla' | 'cudnn'.
   train.attention = 'auto'
@@ -329,6 +333,8 @@ def _mesh_config() -> ConfigDict:
       ('mlp', 'tensor'),
       ('vocab', 'tensor'),
       ('expert', 'expert'),
+      # The stacked [L] axis of train.layer_loop='scan': never sharded.
+      ('layers', None),
   )
   return mesh
 

@@ -125,6 +125,29 @@ def next_tokens(params, router_state, step, tokens: jax.Array,
   return jnp.argmax(at_last, axis=-1).astype(jnp.int32)          # [B]
 
 
+def data_parallel_shardings() -> tuple[jax.sharding.NamedSharding,
+                                       jax.sharding.NamedSharding]:
+  """(rows split over every device of every process, replicated), on a 1-D
+  'data' mesh: how the scorers lay out their batches and variables."""
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ('data',))
+  return (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data')),
+          jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+
+
+def to_global_rows(array: np.ndarray,
+                   rows: jax.sharding.NamedSharding) -> jax.Array:
+  """A host array every process holds whole -> its rows over all devices."""
+  return jax.make_array_from_callback(array.shape, rows,
+                                      lambda index: array[index])
+
+
+def to_host(array: jax.Array) -> np.ndarray:
+  """A (row-sharded) result, whole on every process."""
+  if jax.process_count() > 1:
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+  return np.asarray(array)
+
+
 class Scorer:
   """Log-likelihoods and greedy continuations of a model's variables.
 
@@ -152,12 +175,7 @@ class Scorer:
     self.batch_size = math.ceil(batch_size / len(devices)) * len(devices)
     self.buckets = bucket_lengths(self.max_len, min_bucket)
     self._progress = progress and jax.process_index() == 0
-    mesh = jax.sharding.Mesh(np.asarray(devices), ('data',))
-    self._rows = jax.sharding.NamedSharding(
-        mesh, jax.sharding.PartitionSpec('data'))
-    replicated = jax.sharding.NamedSharding(mesh,
-                                            jax.sharding.PartitionSpec())
-    self._replicated = replicated
+    self._rows, self._replicated = data_parallel_shardings()
     self.set_variables(params, router_state, step)
     self._token_scores = jax.jit(functools.partial(token_scores, model=model))
     self._next_tokens = jax.jit(functools.partial(next_tokens, model=model))
@@ -186,14 +204,10 @@ class Scorer:
     return next(b for b in self.buckets if b >= length)
 
   def _global(self, array: np.ndarray) -> jax.Array:
-    """A host array every process holds whole -> rows over all devices."""
-    return jax.make_array_from_callback(array.shape, self._rows,
-                                        lambda index: array[index])
+    return to_global_rows(array, self._rows)
 
   def _host(self, array: jax.Array) -> np.ndarray:
-    if jax.process_count() > 1:
-      return np.asarray(multihost_utils.process_allgather(array, tiled=True))
-    return np.asarray(array)
+    return to_host(array)
 
   def loglikelihood(self, requests: Sequence[Request], *,
                     desc: str = 'scoring') -> list[Score]:

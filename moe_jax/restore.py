@@ -111,7 +111,7 @@ def restore_run(config: ConfigDict, workdir: str, step: int | None = None, *,
     ValueError: no checkpoint `step`, or the config does not match it.
   """
   workdir = os.path.abspath(workdir)
-  if config.init.hf_path:
+  if config.init.get('hf_path'):
     # The model is defined by the HF directory's config.json, as in training.
     init_from_hf.resolve(config)
   model = models.build(config)

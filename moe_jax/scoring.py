@@ -11,42 +11,76 @@ Dimension legend: B batch, S sequence, V vocabulary.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
 
 
-def token_cross_entropy(logits: jax.Array, targets: jax.Array
+# Batch fields: the tokens, the next-token targets, an optional per-token
+# loss weight (VLM: 1 on assistant tokens only) and the model's other inputs
+# (VLM: the images and the padding mask), passed to it by name.
+TOKEN_FIELDS = ('inputs', 'targets')
+LOSS_MASK = 'loss_mask'
+MODEL_INPUTS = ('images', 'attention_mask')
+
+
+def batch_fields(batch: Mapping[str, Any]) -> dict[str, Any]:
+  """The fields of a pipeline batch that a step consumes (others dropped)."""
+  return {k: batch[k] for k in TOKEN_FIELDS + (LOSS_MASK,) + MODEL_INPUTS
+          if k in batch}
+
+
+def model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
+  """The batch's model inputs beyond the tokens (images, attention mask)."""
+  return {k: batch[k] for k in MODEL_INPUTS if k in batch}
+
+
+def token_cross_entropy(logits: jax.Array, targets: jax.Array,
+                        weights: jax.Array | None = None
                         ) -> tuple[jax.Array, jax.Array]:
-  """logits [B, S, V], targets [B, S] -> (mean CE, accuracy), float32."""
+  """logits [B, S, V], targets [B, S] -> (mean CE, accuracy), float32.
+
+  weights [B, S] (optional): the means are weighted by them (a loss mask);
+  a batch whose weights are all zero gives 0, not NaN.
+  """
   logits = logits.astype(jnp.float32)
   logz = jax.nn.logsumexp(logits, axis=-1)                       # [B, S]
   target_logit = jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
-  correct = jnp.argmax(logits, axis=-1) == targets
-  return jnp.mean(logz - target_logit), jnp.mean(correct.astype(jnp.float32))
+  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+  if weights is None:
+    return jnp.mean(logz - target_logit), jnp.mean(correct)
+  weights = weights.astype(jnp.float32)
+  total = jnp.maximum(jnp.sum(weights), 1e-9)
+  return (jnp.sum((logz - target_logit) * weights) / total,
+          jnp.sum(correct * weights) / total)
 
 
 def apply_model(model, params, router_state, inputs: jax.Array, *,
-                train: bool, step, rng: jax.Array | None = None):
+                train: bool, step, rng: jax.Array | None = None,
+                **extra_inputs):
   """model.apply with the router-state collection when the model has one.
 
+  extra_inputs: the model's other inputs by name (`model_inputs(batch)`).
   Returns the model's (logits [B, S, V], per-layer aux list).
   """
   variables = {'params': params}
   if router_state:
     variables['router_state'] = router_state
   rngs = {'router': rng} if rng is not None else None
-  return model.apply(variables, inputs, train=train, step=step, rngs=rngs)
+  return model.apply(variables, inputs, train=train, step=step, rngs=rngs,
+                     **extra_inputs)
 
 
 def eval_step(params, router_state, step, batch: dict[str, jax.Array], *,
               model) -> dict[str, jax.Array]:
   """Mean CE and next-token accuracy of one batch {'inputs', 'targets'}
-  [B, S], in eval mode (no router noise, no state updates)."""
+  [B, S] (weighted by its 'loss_mask' when it has one), in eval mode (no
+  router noise, no state updates)."""
   logits, _ = apply_model(model, params, router_state, batch['inputs'],
-                          train=False, step=step)
-  ce, accuracy = token_cross_entropy(logits, batch['targets'])
+                          train=False, step=step, **model_inputs(batch))
+  ce, accuracy = token_cross_entropy(logits, batch['targets'],
+                                     batch.get(LOSS_MASK))
   return {'ce': ce, 'accuracy': accuracy}
 
 

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from moe_jax import models
 from moe_jax.moe import router as router_lib
 
 ConfigDict = ml_collections.ConfigDict
@@ -72,12 +73,18 @@ def param_path(path) -> str:
 
 
 def trainable_labels(params, patterns) -> Any:
-  """'train' / 'freeze' per parameter: trains when a regex matches its path."""
+  """'train' / 'freeze' per parameter: trains when a regex matches its path.
+
+  A parameter still in its logical-partitioning box (optimizer.init runs on
+  the boxed tree) gets one label for the whole box, as its unboxed array
+  does at update time: the optimiser state then has the same structure
+  either way.
+  """
   compiled = [re.compile(p) for p in patterns]
   return jax.tree_util.tree_map_with_path(
       lambda path, _: ('train' if any(c.fullmatch(param_path(path))
                                       for c in compiled) else 'freeze'),
-      params)
+      params, is_leaf=lambda x: isinstance(x, flax.linen.LogicallyPartitioned))
 
 
 def make_optimizer(train: ConfigDict
@@ -103,16 +110,23 @@ def make_optimizer(train: ConfigDict
 
 def step_hook(config: ConfigDict) -> router_lib.StepHook | None:
   """The config's router step hook (ReMoE's λ), or None."""
-  if config.model.dense_ffn:
+  if not models.uses_moe(config):
     return None
   return router_lib.ROUTERS[config.moe.router].step_hook
 
 
 def init_variables(key: jax.Array, *, model, seq_len: int) -> dict:
-  """model.init on a [1, seq_len] batch; params keep their logical boxes."""
-  tokens = jnp.zeros((1, seq_len), jnp.int32)
+  """model.init on a [1, seq_len] batch; params keep their logical boxes.
+
+  A model with inputs beyond the tokens (the VLM's images) names them in
+  its `example_inputs(seq_len)` method.
+  """
+  if hasattr(model, 'example_inputs'):
+    inputs = model.example_inputs(seq_len)
+  else:
+    inputs = {'tokens': jnp.zeros((1, seq_len), jnp.int32)}
   params_key, router_key = jax.random.split(key)
-  return model.init({'params': params_key, 'router': router_key}, tokens,
+  return model.init({'params': params_key, 'router': router_key}, **inputs,
                     train=False)
 
 

@@ -54,6 +54,7 @@ from moe_jax import sharding as sharding_lib
 from moe_jax import state as state_lib
 from moe_jax.analysis import tracing
 from moe_jax.convert import init_from_hf
+from moe_jax.convert import init_vlm
 from moe_jax.data import from_config
 from moe_jax.models import attention_probe
 from moe_jax.moe import backend_probe
@@ -78,49 +79,73 @@ def stack_layers(auxes: list[dict], part: str) -> dict[str, jax.Array]:
           for name in auxes[0][part]}
 
 
+def reduce_layers(per_layer: jax.Array, reduction: str,
+                  groups: tuple[tuple[int, int], ...] | None = None
+                  ) -> jax.Array:
+  """[L] -> scalar: `reduction` ('sum' | 'mean') within each group of layers
+  (slices [start, stop) of the aux list), summed over the groups.
+
+  One group for a decoder; the VLM has two, its vision tower (every layer
+  at every S² scale) and its projector, as LibMoE adds the mean over the
+  tower's layers to the projector's loss (algorithms.md §2.3c).
+  """
+  groups = groups or ((0, per_layer.shape[0]),)
+  reduce = jnp.sum if reduction == 'sum' else jnp.mean
+  return sum(reduce(per_layer[start:stop]) for start, stop in groups)
+
+
 def weighted_aux_loss(layer_losses: dict[str, jax.Array],
                       coefficients: dict[str, float], reduction: str,
-                      loss_scales: dict[str, jax.Array]) -> jax.Array:
+                      loss_scales: dict[str, jax.Array],
+                      groups: tuple[tuple[int, int], ...] | None = None
+                      ) -> jax.Array:
   """Σ_name coef · reduce_L(scale_name [L] · loss_name [L]).
 
   loss_scales: per-layer multipliers from the router's step hook (ReMoE's
-  λ for 'remoe_l1'); losses without one are unscaled.
+  λ for 'remoe_l1'); losses without one are unscaled. groups: see
+  reduce_layers.
   """
   total = jnp.zeros((), jnp.float32)
   for name, coefficient in coefficients.items():
     per_layer = layer_losses[name]                                # [L]
     if name in loss_scales:
       per_layer = per_layer * loss_scales[name]
-    reduced = (jnp.sum(per_layer) if reduction == 'sum'
-               else jnp.mean(per_layer))
-    total = total + coefficient * reduced
+    total = total + coefficient * reduce_layers(per_layer, reduction, groups)
   return total
-
-
-def _router_path(i: int) -> tuple[str, ...]:
-  return (f'layer_{i}', 'moe', 'router', 'router')
 
 
 def _get(tree, path):
   for key in path:
-    tree = tree[key]
+    # An int is an index into arrays stacked on a leading layer axis
+    # (train.layer_loop='scan', decoder.router_paths).
+    tree = (jax.tree.map(lambda a, i=key: a[i], tree) if isinstance(key, int)
+            else tree[key])
   return tree
 
 
 def _set(tree, path, value):
   if not path:
     return value
+  if isinstance(path[0], int):
+    new = _set(_get(tree, path[:1]), path[1:], value)
+    return jax.tree.map(lambda a, v: a.at[path[0]].set(v), tree, new)
   return {**tree, path[0]: _set(tree[path[0]], path[1:], value)}
 
 
 def router_post_update(params, router_state, expert_counts, *, spec,
-                       router_config, num_layers):
-  """Applies the router's post_update to every layer; counts [L, E']."""
-  for i in range(num_layers):
-    path = _router_path(i)
+                       router_config, router_paths):
+  """Applies the router's post_update to every router; counts [L, E'].
+
+  router_paths[i] is the router of aux entry i; a router called more than
+  once per step (the VLM tower at each S² scale) is updated once, from
+  the counts of all its calls.
+  """
+  for path in dict.fromkeys(router_paths):
+    calls = [i for i, p in enumerate(router_paths) if p == path]
+    counts = sum(expert_counts[i] for i in calls)
     layer_state = (_get(router_state, path) if router_state else {})
     new_params, new_state = spec.post_update(
-        _get(params, path), layer_state, {'expert_counts': expert_counts[i]},
+        _get(params, path), layer_state, {'expert_counts': counts},
         router_config)
     params = _set(params, path, new_params)
     if router_state:
@@ -139,7 +164,10 @@ class StepSettings:
   layer_reduction: str
   grad_accum: int
   seed: int
-  num_layers: int
+  # The router behind each entry of the model's aux list, and the groups
+  # of entries whose losses are reduced together (train.reduce_layers).
+  router_paths: tuple[tuple[str | int, ...], ...]
+  aux_groups: tuple[tuple[int, int], ...]
   router: str | None
   router_config: Any
   # The router's step hook and its settings (None / {} without one).
@@ -147,15 +175,16 @@ class StepSettings:
   hook_options: dict = dataclasses.field(default_factory=dict)
 
   @classmethod
-  def from_config(cls, config: ConfigDict) -> 'StepSettings':
+  def from_config(cls, config: ConfigDict, model) -> 'StepSettings':
     router, router_config = None, None
-    if not config.model.dense_ffn:
+    if models.uses_moe(config):
       router = config.moe.router
       router_config = state_lib.router_config(config)
     return cls(coefficients=dict(config.loss.coefficients),
                layer_reduction=config.loss.layer_reduction,
                grad_accum=config.train.grad_accum, seed=config.train.seed,
-               num_layers=config.model.num_layers, router=router,
+               router_paths=tuple(model.router_paths()),
+               aux_groups=tuple(model.aux_groups()), router=router,
                router_config=router_config,
                hook=state_lib.step_hook(config),
                hook_options=state_lib.hook_options(config))
@@ -168,12 +197,14 @@ def _micro_loss(params, router_state, hook_state, batch, step, rng, *,
                 model, settings: StepSettings):
   logits, auxes = scoring.apply_model(model, params, router_state,
                                       batch['inputs'], train=True, step=step,
-                                      rng=rng)
-  ce, accuracy = scoring.token_cross_entropy(logits, batch['targets'])
+                                      rng=rng, **scoring.model_inputs(batch))
+  ce, accuracy = scoring.token_cross_entropy(logits, batch['targets'],
+                                             batch.get(scoring.LOSS_MASK))
   layer_losses = stack_layers(auxes, 'losses')
   aux = weighted_aux_loss(layer_losses, settings.coefficients,
                           settings.layer_reduction,
-                          settings.loss_scales(hook_state))
+                          settings.loss_scales(hook_state),
+                          settings.aux_groups)
   stats = {'ce': ce, 'accuracy': accuracy, 'aux_total': aux,
            'losses': layer_losses, 'layers': stack_layers(auxes, 'metrics')}
   return ce + aux, stats
@@ -183,7 +214,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model,
                optimizer: optax.GradientTransformation,
                schedule: optax.Schedule, settings: StepSettings
                ) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimiser step on a global batch {'inputs', 'targets'} [G, S]."""
+  """One optimiser step on a global batch {'inputs', 'targets'} [G, S] (and
+  the optional fields of scoring.batch_fields: loss_mask, images, ...)."""
   accum = settings.grad_accum
   step_key = jax.random.fold_in(jax.random.key(settings.seed), state.step)
   grad_fn = jax.value_and_grad(
@@ -221,7 +253,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model,
     params, router_state = router_post_update(
         params, router_state, jnp.sum(counts, axis=0), spec=spec,
         router_config=settings.router_config,
-        num_layers=settings.num_layers)
+        router_paths=settings.router_paths)
   router_hook = state.router_hook
   if settings.hook is not None:
     router_hook = settings.hook.update(router_hook, layers,
@@ -236,9 +268,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model,
       # update must not be checkpointed as good.
       'param_norm': optax.global_norm(params),
   }
-  reduce = jnp.sum if settings.layer_reduction == 'sum' else jnp.mean
   for name, per_layer in stats['losses'].items():
-    metrics[f'aux/{name}'] = reduce(per_layer)
+    metrics[f'aux/{name}'] = reduce_layers(
+        per_layer, settings.layer_reduction, settings.aux_groups)
   for name in ('max_mean_load', 'load_cv'):
     if name in layers:
       metrics[name] = layers[name]                               # [L]
@@ -359,19 +391,39 @@ def _restore(checkpoints, abstract_state: TrainState, config: ConfigDict,
       data_state
 
 
-def _start_from_hf(config: ConfigDict, state: TrainState,
-                   shardings: TrainState) -> TrainState:
-  """The fresh state with the imported (and upcycled) HF variables."""
+def _is_vlm(config: ConfigDict) -> bool:
+  return config.model_name == 'llava'
+
+
+def _resolve_start(config: ConfigDict, workdir: str) -> None:
+  """Fills the config's model from where the run starts (HF directories,
+  the previous VLM stage), before anything else reads it."""
+  if _is_vlm(config):
+    init_vlm.resolve(config, workdir)
+  elif config.init.hf_path:
+    # The HF directory's config.json defines the model (and its tokenizer).
+    init_from_hf.resolve(config)
+
+
+def _start_from_pretrained(config: ConfigDict, model, state: TrainState,
+                           shardings: TrainState) -> TrainState:
+  """The fresh state with the imported (and upcycled) variables: an HF
+  model (config.init.hf_path) or a VLM stage's start (convert/init_vlm)."""
   start = time.perf_counter()
-  params, router_state = init_from_hf.initial_variables(config)
+  if _is_vlm(config):
+    params, router_state = init_vlm.initial_variables(config, model)
+    where = init_vlm.describe(config)
+  else:
+    params, router_state = init_from_hf.initial_variables(config)
+    where = config.init.hf_path + (
+        f', upcycled to {config.init.upcycle.num_experts} '
+        f'{config.init.upcycle.router} experts'
+        if config.init.upcycle.router else '')
   state = state.replace(
       params=jax.device_put(params, shardings.params),
       router_state=jax.device_put(router_state, shardings.router_state)
       if router_state else state.router_state)
-  logging.info('starting from %s%s in %.1f s', config.init.hf_path,
-               (f', upcycled to {config.init.upcycle.num_experts} '
-                f'{config.init.upcycle.router} experts'
-                if config.init.upcycle.router else ''),
+  logging.info('starting from %s in %.1f s', where,
                time.perf_counter() - start)
   return state
 
@@ -386,10 +438,11 @@ class _MetricsWriter:
   """
 
   def __init__(self, log: run_log_lib.RunLog, checkpoints, *,
-               tokens_per_step: int, flops_per_token: float,
-               peak: float | None, stop: int):
+               tokens_per_step: int, samples_per_step: int,
+               flops_per_token: float | None, peak: float | None, stop: int):
     self.log, self.checkpoints = log, checkpoints
     self.tokens_per_step, self.stop = tokens_per_step, stop
+    self.samples_per_step = samples_per_step
     self.flops_per_token, self.peak = flops_per_token, peak
     self.pending: list[tuple[int, dict]] = []
     self.first_loss = self.last_loss = None
@@ -419,7 +472,10 @@ class _MetricsWriter:
       if s == step:
         # Throughput only on the interval's last record.
         record['tokens_per_s'] = rate
-        if self.peak and rate:
+        # Sequences per second (VLM: images per second, one per sample).
+        record['samples_per_s'] = (rate * self.samples_per_step /
+                                   self.tokens_per_step)
+        if self.peak and rate and self.flops_per_token:
           record['mfu'] = self.flops_per_token * rate / (
               self.peak * jax.device_count())
       self.log.write('train', s, record)
@@ -449,9 +505,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
       checkpoint stays on disk.
     ValueError: the config does not match the workdir's checkpoints.
   """
-  if config.init.hf_path:
-    # The HF directory's config.json defines the model (and its tokenizer).
-    init_from_hf.resolve(config)
+  _resolve_start(config, workdir)
   # moe.backend='auto' -> the backend this machine runs (a start-up probe on
   # a GPU), before it is validated and written to config.json.
   backend_probe.resolve_config(config)
@@ -469,7 +523,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
 
   model = models.build(config)
   optimizer, schedule = state_lib.make_optimizer(train_cfg)
-  settings = StepSettings.from_config(config)
+  settings = StepSettings.from_config(config, model)
   init_fn = functools.partial(state_lib.init_state, model=model,
                               optimizer=optimizer, config=config)
   key = jax.random.key(train_cfg.seed)
@@ -515,8 +569,8 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
       state = jax.jit(lambda k: nn.unbox(init_fn(k)),
                       out_shardings=state_shardings)(key)
     data_state = None
-    if config.init.hf_path:
-      state = _start_from_hf(config, state, state_shardings)
+    if _is_vlm(config) or config.init.hf_path:
+      state = _start_from_pretrained(config, model, state, state_shardings)
     else:
       logging.info('starting from scratch in %s', workdir)
   else:
@@ -545,14 +599,17 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
   writer = _MetricsWriter(
       log, checkpoints,
       tokens_per_step=train_cfg.global_batch * train_cfg.seq_len,
-      flops_per_token=flops_lib.train_flops_per_token(config),
+      samples_per_step=train_cfg.global_batch,
+      # The LM's FLOP count; a VLM's tower has none yet (no MFU logged).
+      flops_per_token=(None if _is_vlm(config) else
+                       flops_lib.train_flops_per_token(config)),
       peak=flops_lib.peak_flops(jax.devices()[0].device_kind), stop=stop)
   train_iter = pipeline.train_iterator(data_state)
   summary = {'step': step, 'valid': None}
 
   def validate_now():
-    batches = (sharding_lib.global_batch(
-        {k: local[k] for k in ('inputs', 'targets')}, batch_sharding)
+    batches = (sharding_lib.global_batch(scoring.batch_fields(local),
+                                         batch_sharding)
                for local in pipeline.valid_iterator())
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       return scoring.evaluate(
@@ -562,8 +619,8 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
   try:
     while step < stop:
       local = next(train_iter)
-      batch = sharding_lib.global_batch(
-          {k: local[k] for k in ('inputs', 'targets')}, batch_sharding)
+      batch = sharding_lib.global_batch(scoring.batch_fields(local),
+                                        batch_sharding)
       if writer.timer_start is None:
         logging.info('compiling the train step (the first step includes '
                      'it)...')

@@ -25,6 +25,9 @@ def _snapshot_module():
 
 SNAP = _snapshot_module()
 SAVED = json.loads((FIXTURES / 'config_snapshot.json').read_text())
+_RULES = [['batch', ['data', 'fsdp', 'expert']], ['seq', None],
+          ['embed', 'fsdp'], ['heads', 'tensor'], ['mlp', 'tensor'],
+          ['vocab', 'tensor'], ['expert', 'expert']]
 # Fields added after the snapshot: {dotted path: value in every config}.
 ADDED = {
     'model_name': 'decoder',
@@ -35,6 +38,7 @@ ADDED = {
         'shared_experts': 0, 'shared_mix': 'half', 'noise': 0.0, 'seed': 0,
         'router_seed': 'per_layer'}},
     'train.remat': 'none',
+    'train.layer_loop': 'unrolled',
     'train.attention': 'auto',
     'train.eval_tasks_every': 0,
     'train.eval_tasks': 'blimp,piqa,arc',
@@ -48,6 +52,8 @@ CHANGED = {
     # Issue 16: full-size configs pick their backend at start-up
     # (moe/backend_probe.py) instead of assuming the Pallas kernel compiles.
     'moe.backend': ('pallas', 'auto'),
+    # Issue 16: the stacked [L] axis of train.layer_loop='scan' is replicated.
+    'mesh.rules': (_RULES, _RULES + [['layers', None]]),
 }
 
 

@@ -145,6 +145,30 @@ def per_domain_entropy(frame: pd.DataFrame, width: int) -> pd.Series:
                          np.log(width)), include_groups=False)
 
 
+def per_domain_allocation_entropy(frame: pd.DataFrame,
+                                  width: int) -> pd.Series:
+  """Per domain label: allocation_entropy over that domain's sequences.
+
+  LibMoE's VLM "Expert Allocation Entropy (norm.)" grouped by task (MME
+  category): the per-sample top-1 histogram entropy / ln E', averaged over
+  the task's samples (algorithms.md §9).
+  """
+  return frame.groupby('domain').apply(
+      lambda part: allocation_entropy(part, width), include_groups=False)
+
+
+def domain_overlap(frame: pd.DataFrame, width: int) -> pd.DataFrame:
+  """[domains x domains] histogram intersection Σ_e min(u_a,e, u_b,e).
+
+  u_d is domain d's selection_frequency in this layer: 1 means two domains
+  use the experts in the same proportions, 0 disjoint experts.
+  """
+  names = sorted(frame['domain'].unique())
+  u = np.stack([selection_frequency(frame[frame['domain'] == d], width)
+                for d in names])                                # [d, E']
+  return pd.DataFrame(layer_overlap(u), index=names, columns=names)
+
+
 # ------------------------------------------------------ layer similarity ---
 
 def _selected_sets(frame: pd.DataFrame) -> list[frozenset]:

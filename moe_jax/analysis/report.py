@@ -8,6 +8,7 @@ Reads `DIR/traces/` (written by `python -m moe_jax.main --mode=trace`) and
 writes to `DIR/report/`:
   frequency.png       expert-by-layer selection frequency (newest checkpoint)
   domain_entropy.png  per-domain selection entropy per layer
+  domain_overlap.png  expert overlap between domains (tasks), per layer group
   margin.png          histogram of the router margin w_(1) - w_(2) per layer
   change_rate.png     expert change rate between consecutive checkpoints
                       (when more than one checkpoint was traced)
@@ -17,6 +18,16 @@ writes to `DIR/report/`:
                       similarity (--mode=similarity)
 The comparison writes compare_frequency.png, compare_domain_entropy.png and
 compare.md (one row per run) to --out.
+
+VLM traces (moe_jax/analysis/vlm_tracing.py) carry sidecars in the step
+directory: `_layers.json` names each layer ('vision/layer_3@scale1',
+'projector'), its site and E'; `_domains.json` names the tasks. With them
+the tables name layers and tasks, E' comes from the sidecar, the
+'Router statistics by site' section gives LibMoE's VLM statistics (means
+over the tower's layers and the projector's value, algorithms.md §8.4;
+per-task allocation entropy, §9), layer groups are the sites, and layer
+pairs are compared only where both layers route the same image tokens (an
+S² scale's crops and the projector's rows differ).
 
 Each report is a list of sections (SECTIONS, COMPARE_SECTIONS): a function of
 the runs' traces that draws its figures and returns its Markdown, or None
@@ -80,7 +91,11 @@ def run_label(workdir: str) -> str:
   if os.path.exists(path):
     with open(path, encoding='utf-8') as f:
       config = json.load(f)
-    if not config.get('model', {}).get('dense_ffn') and 'moe' in config:
+    # A VLM's LLM is dense; its tower / projector may still be MoE.
+    vlm_moe = 'moe' in (config.get('vlm', {}).get('tower_ffn'),
+                        config.get('vlm', {}).get('projector_ffn'))
+    if ((vlm_moe or not config.get('model', {}).get('dense_ffn'))
+        and 'moe' in config):
       return config['moe']['router']
   return os.path.basename(os.path.normpath(workdir))
 
@@ -109,16 +124,56 @@ class Run:
     steps: the traced checkpoint steps, sorted.
     frames: layer -> its trace at steps[-1], one row per token.
     width: the router output width E'.
+    layer_info: layer -> its `_layers.json` entry (name, site, ...); empty
+      for traces without one (LM traces).
+    domain_names: domain index -> name, from `_domains.json` (else empty).
   """
   workdir: str
   label: str
   steps: list[int]
   frames: dict[int, pd.DataFrame]
   width: int
+  layer_info: dict[int, dict] = dataclasses.field(default_factory=dict)
+  domain_names: dict[int, str] = dataclasses.field(default_factory=dict)
 
   @property
   def layers(self) -> list[int]:
     return sorted(self.frames)
+
+  def layer_name(self, layer: int) -> str:
+    """The layer's name from _layers.json, else its index."""
+    return self.layer_info.get(layer, {}).get('name', str(layer))
+
+  def groups(self) -> dict[str, list[int]]:
+    """Layer groups whose means a report shows: the VLM's sites ('vision
+    tower', per S² scale when there are several, 'projector'), else one
+    group of all layers."""
+    if not self.layer_info:
+      return {'all layers': self.layers}
+    groups: dict[str, list[int]] = {}
+    tower = [l for l in self.layers
+             if self.layer_info.get(l, {}).get('site') == 'vision']
+    scales = sorted({self.layer_info[l]['scale'] for l in tower})
+    if tower:
+      groups['vision tower'] = tower
+    if len(scales) > 1:
+      for scale in scales:
+        groups[f'vision tower @scale{scale}'] = [
+            l for l in tower if self.layer_info[l]['scale'] == scale]
+    for l in self.layers:
+      site = self.layer_info.get(l, {}).get('site', 'vision')
+      if site != 'vision':
+        groups.setdefault(self.layer_name(l), []).append(l)
+    return groups
+
+  @property
+  def mean_layers(self) -> list[int]:
+    """The layers a one-number summary averages: the vision tower's for a
+    VLM (LibMoE §8.4: mean over the SigLIP layers), else all."""
+    return next(iter(self.groups().values()))
+
+  def domain_label(self, domain: int) -> str:
+    return self.domain_names.get(int(domain), str(domain))
 
   @property
   def final(self) -> int:
@@ -130,16 +185,33 @@ class Run:
                                 step=step, layer=layer)
 
 
+def _sidecar(traces_dir: str, step: int, name: str):
+  """A step's JSON sidecar (vlm_tracing's _layers.json ...), or None."""
+  path = os.path.join(traces_dir, f'step={step}', name)
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding='utf-8') as f:
+    return json.load(f)
+
+
 def load_run(workdir: str, width: int | None = None) -> Run:
-  """Reads the newest traced checkpoint of `workdir`; E' inferred if None."""
+  """Reads the newest traced checkpoint of `workdir`; E' inferred if None
+  (from the traces' _layers.json when they have one)."""
   traces_dir = os.path.join(workdir, 'traces')
   steps = traced_steps(traces_dir)
   frames = {layer: trace_lib.read_trace(traces_dir, step=steps[-1],
                                         layer=layer)
             for layer in _partitions(traces_dir, 'layer')}
-  width = width or max(infer_width(f) for f in frames.values())
+  layer_info = {int(e['layer']): e for e in
+                _sidecar(traces_dir, steps[-1], '_layers.json') or []}
+  domain_names = dict(enumerate(
+      _sidecar(traces_dir, steps[-1], '_domains.json') or []))
+  declared = [e['width'] for e in layer_info.values() if e.get('width')]
+  width = width or (max(declared) if declared else
+                    max(infer_width(f) for f in frames.values()))
   return Run(workdir=workdir, label=run_label(workdir), steps=steps,
-             frames=frames, width=width)
+             frames=frames, width=width, layer_info=layer_info,
+             domain_names=domain_names)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,10 +249,14 @@ def _block(*paragraphs: str) -> str:
 def header_section(ctx: Context) -> Section:
   """Title, and which checkpoint, width and token count the report shows."""
   run = ctx.run
+  # A VLM's layers differ (S² crops); an LM's all route the same tokens.
+  counts = sorted({len(f) for f in run.frames.values()})
+  tokens = (str(counts[0]) if len(counts) == 1
+            else f'{counts[0]} to {counts[-1]}')
   return Section(_block(
       f'# Routing report: {run.workdir}',
       f'Checkpoint step {run.final} (traced steps: {run.steps}); router width '
-      f"E' = {run.width}; {len(run.frames[run.layers[0]])} tokens per layer."))
+      f"E' = {run.width}; {tokens} tokens per layer."))
 
 
 def metrics_section(ctx: Context) -> Section:
@@ -190,7 +266,8 @@ def metrics_section(ctx: Context) -> Section:
   for l in run.layers:
     w = np.abs(metrics.weights(run.frames[l]))
     w = -np.sort(-w / np.maximum(w.sum(1, keepdims=True), 1e-20), axis=1)
-    ax.hist(w[:, 0] - w[:, 1], bins=30, histtype='step', label=f'layer {l}')
+    ax.hist(w[:, 0] - w[:, 1], bins=30, histtype='step',
+            label=f'layer {run.layer_name(l)}')
   ax.set_xlabel('router margin w(1) - w(2)')
   ax.set_ylabel('tokens')
   ax.legend()
@@ -199,10 +276,13 @@ def metrics_section(ctx: Context) -> Section:
   rows = []
   for l in run.layers:
     f = run.frames[l]
-    row = {'layer': l,
+    row = {'layer': l}
+    if run.layer_info:
+      row['name'] = run.layer_name(l)
+    row.update({
            'allocation_entropy': metrics.allocation_entropy(f, run.width),
            'weight_entropy': metrics.weight_entropy(f),
-           'router_margin': metrics.router_margin(f)}
+           'router_margin': metrics.router_margin(f)})
     if any(c.startswith('prob_') for c in f.columns):
       row['h_total'] = metrics.h_total(f)
     row.update(metrics.load_balance(f, run.width))
@@ -218,6 +298,7 @@ def domain_entropy_section(ctx: Context) -> Section:
   domains = pd.DataFrame({l: metrics.per_domain_entropy(run.frames[l],
                                                         run.width)
                           for l in run.layers})                # domain x L
+  domains.index = [run.domain_label(d) for d in domains.index]
   ax = domains.plot.bar(figsize=(7, 4))
   ax.legend(title='layer', bbox_to_anchor=(1.01, 1), loc='upper left')
   ax.set_xlabel('domain')
@@ -226,6 +307,76 @@ def domain_entropy_section(ctx: Context) -> Section:
   png = ctx.save(ax.figure, 'domain_entropy.png')
   return Section(_block('## Per-domain selection entropy (/ ln E\')',
                         domains.to_markdown(floatfmt='.4f')), (png,))
+
+
+def domain_overlap_section(ctx: Context) -> Section | None:
+  """Expert overlap between domains (tasks): histogram intersection of their
+  selection frequencies, mean over each layer group; domain_overlap.png."""
+  run = ctx.run
+  domains = sorted(set().union(*(set(f['domain'].unique())
+                                 for f in run.frames.values())))
+  if len(domains) < 2:
+    return None
+  tables = {}
+  for group, layers in run.groups().items():
+    mean = sum(metrics.domain_overlap(run.frames[l], run.width)
+               for l in layers) / len(layers)
+    labels = [run.domain_label(d) for d in mean.index]
+    tables[group] = pd.DataFrame(mean.to_numpy(), index=labels,
+                                 columns=labels)
+  fig, axes = plt.subplots(1, len(tables), squeeze=False,
+                           figsize=(3.6 * len(tables) + 1, 3.4))
+  for ax, (group, table) in zip(axes[0], tables.items()):
+    image = ax.imshow(table.to_numpy(), vmin=0, vmax=1, cmap='viridis')
+    ax.set_xticks(range(len(table)), labels=table.columns, rotation=90)
+    ax.set_yticks(range(len(table)), labels=table.index)
+    ax.set_title(group, fontsize=9)
+  fig.colorbar(image, ax=axes[0, -1])
+  png = ctx.save(fig, 'domain_overlap.png')
+  blocks = ['## Expert overlap between domains',
+            'Histogram intersection Σ_e min(u_a,e, u_b,e) of two domains\' '
+            'selection frequencies (1: the same expert use), mean over the '
+            'layers of each group.']
+  for group, table in tables.items():
+    blocks += [f'{group}:', table.to_markdown(floatfmt='.4f')]
+  return Section(_block(*blocks), (png,))
+
+
+def site_summary_section(ctx: Context) -> Section | None:
+  """VLM traces: LibMoE's router statistics per site (algorithms.md §8.4):
+  means over the tower's layers and the projector's values, and the
+  allocation entropy per task (§9, grouped like LibMoE's MME categories)."""
+  run = ctx.run
+  if not run.layer_info:
+    return None
+  rows, per_task = [], {}
+  for group, layers in run.groups().items():
+    frames = [run.frames[l] for l in layers]
+    row = {'site': group, 'layers': len(layers),
+           'weight_entropy': np.mean([metrics.weight_entropy(f)
+                                      for f in frames]),
+           'router_margin': np.mean([metrics.router_margin(f)
+                                     for f in frames]),
+           'allocation_entropy': np.mean(
+               [metrics.allocation_entropy(f, run.width) for f in frames])}
+    if all(any(c.startswith('prob_') for c in f.columns) for f in frames):
+      row['h_total'] = np.mean([metrics.h_total(f) for f in frames])
+    rows.append(row)
+    per_task[group] = pd.concat(
+        [metrics.per_domain_allocation_entropy(f, run.width)
+         for f in frames], axis=1).mean(axis=1)
+  tasks = pd.DataFrame(per_task)
+  tasks.index = [run.domain_label(d) for d in tasks.index]
+  k = metrics.choices(run.frames[run.layers[0]]).shape[1]
+  return Section(_block(
+      '## Router statistics by site',
+      f'Means over the layers of each site (LibMoE reports the vision '
+      f'tower\'s mean and the projector\'s value). Weight entropy in nats '
+      f'(maximum ln k = {np.log(k):.3f}); allocation entropy / ln E\'.',
+      pd.DataFrame(rows).to_markdown(index=False, floatfmt='.4f'),
+      'Allocation entropy per task (/ ln E\', mean over the site\'s '
+      'layers):',
+      tasks.to_markdown(floatfmt='.4f')))
 
 
 def layer_similarity_section(ctx: Context) -> Section:
@@ -238,7 +389,8 @@ def layer_similarity_section(ctx: Context) -> Section:
   image = ax.imshow(frequency, aspect='auto', cmap='viridis')
   ax.set_xlabel('expert (router output id)')
   ax.set_ylabel('layer')
-  ax.set_yticks(range(len(layers)), labels=layers)
+  ax.set_yticks(range(len(layers)),
+                labels=[run.layer_name(l) for l in layers])
   ax.set_title(f'Selection frequency, step {run.final}')
   fig.colorbar(image, ax=ax)
   png = ctx.save(fig, 'frequency.png')
@@ -246,20 +398,34 @@ def layer_similarity_section(ctx: Context) -> Section:
     return Section(_block('## Layer similarity', 'One layer: no layer pairs.'),
                    (png,))
   overlap = metrics.layer_overlap(frequency)
+  # Token-level comparisons need both layers to route the same tokens (not
+  # so across a VLM's S² scales or between the tower and the projector).
   pairs = pd.DataFrame([
       {'layers': f'{a}-{b}',
        'token_jaccard': metrics.token_jaccard(run.frames[a], run.frames[b]),
        'layer_sel_overlap': metrics.layer_sel_overlap(run.frames[b],
                                                       run.frames[a])}
-      for a, b in zip(layers, layers[1:])])
+      for a, b in zip(layers, layers[1:])
+      if _same_tokens(run.frames[a], run.frames[b])])
+  tables = [pd.DataFrame(overlap, index=layers, columns=layers).to_markdown(
+      floatfmt='.4f')]
+  if len(pairs):
+    tables.append(pairs.to_markdown(index=False, floatfmt='.4f'))
+  names = ([', '.join(f'{l} = {run.layer_name(l)}' for l in layers)]
+           if run.layer_info else [])
   return Section(_block(
       '## Layer similarity',
       'Histogram intersection of selection frequencies '
       f'(universal score {metrics.universal_score(overlap):.4f}, '
       f'optimist score {metrics.optimist_score(overlap):.4f}):',
-      pd.DataFrame(overlap, index=layers, columns=layers).to_markdown(
-          floatfmt='.4f'),
-      pairs.to_markdown(index=False, floatfmt='.4f')), (png,))
+      *names, *tables), (png,))
+
+
+def _same_tokens(a: pd.DataFrame, b: pd.DataFrame) -> bool:
+  """Whether two layers' traces cover the same (sequence, position)s."""
+  key = ['sequence', 'position']
+  return len(a) == len(b) and a.sort_values(key)[key].reset_index(
+      drop=True).equals(b.sort_values(key)[key].reset_index(drop=True))
 
 
 def change_rate_section(ctx: Context) -> Section | None:
@@ -319,7 +485,9 @@ def expert_similarity_section(ctx: Context) -> Section | None:
 SECTIONS: list[SectionFn] = [
     header_section,
     metrics_section,
+    site_summary_section,
     domain_entropy_section,
+    domain_overlap_section,
     layer_similarity_section,
     change_rate_section,
     saturation_section,
@@ -389,7 +557,7 @@ def comparison_table_section(ctx: Context) -> Section:
 
   rows = []
   for run in ctx.runs:
-    frames, width = run.frames.values(), run.width
+    frames, width = [run.frames[l] for l in run.mean_layers], run.width
     row = {'run': run.label, 'step': run.final, "E'": width,
            'allocation_entropy': np.mean([metrics.allocation_entropy(f, width)
                                           for f in frames]),
@@ -409,8 +577,9 @@ def comparison_table_section(ctx: Context) -> Section:
     rows.append(row)
   return Section(_block(
       '# Routing comparison',
-      'Layer means of the newest traced checkpoint of each run; '
-      'per-domain entropy is the mean over layers.',
+      'Layer means of the newest traced checkpoint of each run (a VLM: '
+      'over its vision tower\'s layers, as LibMoE); per-domain entropy is '
+      'the mean over the same layers.',
       pd.DataFrame(rows).to_markdown(index=False, floatfmt='.4f')), (png,))
 
 
@@ -418,8 +587,9 @@ def comparison_domain_entropy_section(ctx: Context) -> Section:
   """Per-domain entropy (mean over layers) per run; its bar chart."""
   domains = pd.DataFrame({
       run.label: pd.concat(
-          [metrics.per_domain_entropy(f, run.width)
-           for f in run.frames.values()], axis=1).mean(axis=1)
+          [metrics.per_domain_entropy(run.frames[l], run.width)
+           for l in run.mean_layers], axis=1).mean(axis=1).rename(
+               run.domain_label)
       for run in ctx.runs})
   ax = domains.plot.bar(figsize=(7, 4), rot=0)
   ax.legend(title='router', bbox_to_anchor=(1.01, 1), loc='upper left')

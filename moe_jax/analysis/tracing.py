@@ -2,7 +2,10 @@
 
 `routing_fn(model)` jits the per-layer routing of a batch; `trace_state`
 runs it over a pipeline's validation set and writes one trace step;
-`trace_checkpoint` does that for a workdir's checkpoint (`--mode=trace`).
+`trace_checkpoint` does that for a workdir's checkpoint (`--mode=trace`);
+for a VLM run (model_name 'llava') it traces the vision tower's and the
+projector's routing of the validation images instead
+(moe_jax/analysis/vlm_tracing.py).
 
 Dimension legend: B batch, S sequence, K slots, E' router width.
 """
@@ -17,6 +20,7 @@ import numpy as np
 
 from moe_jax import restore
 from moe_jax import trace as trace_lib
+from moe_jax.analysis import vlm_tracing
 from moe_jax.data import from_config
 
 
@@ -62,6 +66,9 @@ def trace_checkpoint(config, workdir: str, *, step: int | None = None,
   Returns:
     write_trace's summary plus {'step'}.
   """
+  if config.get('model_name') == 'llava':
+    return vlm_tracing.trace_vlm_checkpoint(config, workdir, step=step,
+                                            with_probs=with_probs)
   workdir = os.path.abspath(workdir)
   require_routing(config, 'trace')
   run = restore.restore_run(config, workdir, step, what='trace')

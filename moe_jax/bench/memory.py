@@ -3,7 +3,7 @@ r"""Train-step memory per remat policy: XLA's compiled analysis and an estimate.
   python -m moe_jax.bench.memory --config=configs/smoe_154m.py \
       [--remat=none,full,save_dots | all] [--batch=B] [--seq=S] \
       [--grad_accum=A] [--devices=N] [--backend=NAME] [--attention=xla]
-      [--hbm_gb=80] [--no_compile]
+      [--hbm_gb=80] [--layer_loop=unrolled|scan] [--no_compile]
 
 For each policy of decoder.REMAT_POLICIES named in --remat, the real
 `train.train_step` (grad accumulation scan, AdamW, router updates; state
@@ -286,7 +286,7 @@ def build_step(config, policy: str) -> Step:
     config.train.remat = policy
   model = models.build(config)
   optimizer, schedule = state_lib.make_optimizer(config.train)
-  settings = train_lib.StepSettings.from_config(config)
+  settings = train_lib.StepSettings.from_config(config, model)
   init = functools.partial(state_lib.init_state, model=model,
                            optimizer=optimizer, config=config)
   state = nn.unbox(jax.eval_shape(init, jax.random.key(0)))
@@ -358,7 +358,8 @@ def _cast_weights(params, fused_experts: bool) -> int:
   total = 0
   for path, p in jax.tree_util.tree_leaves_with_path(params):
     names = state_lib.param_path(path).split('/')
-    if (p.ndim < 2 or not names[0].startswith('layer_') or 'router' in names
+    # layer_{i} (unrolled) or layers (train.layer_loop='scan').
+    if (p.ndim < 2 or not names[0].startswith('layer') or 'router' in names
         or (fused_experts and 'experts' in names)):
       continue
     total += math.prod(p.shape)
@@ -427,6 +428,7 @@ def _configure(args) -> tuple[Any, str]:
           f'train.global_batch={train.global_batch} does not split into '
           f'{devices} devices x train.grad_accum={train.grad_accum}')
     micro = rows // train.grad_accum
+  train.layer_loop = args.layer_loop
   text = (f'per-device micro-batch {micro} x {train.seq_len} (config: '
           f'global {train.global_batch}, grad_accum {train.grad_accum}, '
           f'{devices} device(s)' + (', --batch' if args.batch else '') + ')')
@@ -495,6 +497,10 @@ def main(argv=None) -> dict:
                       "'fused' (cuDNN)")
   parser.add_argument('--hbm_gb', type=float, default=80.0,
                       help='device memory the fit lines test against (GB)')
+  parser.add_argument('--layer_loop', default='unrolled',
+                      choices=decoder.LAYER_LOOPS,
+                      help="train.layer_loop: 'scan' compiles one layer "
+                      '(compare the compile seconds)')
   parser.add_argument('--no_compile', action='store_true',
                       help='the estimate and traced residuals only')
   args = parser.parse_args(argv)

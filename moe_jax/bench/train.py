@@ -52,7 +52,7 @@ def time_train_step(config, *, steps: int, warmup: int,
   rules = sharding_lib.logical_rules(config.mesh)
   model = models.build(config)
   optimizer, schedule = state_lib.make_optimizer(config.train)
-  settings = train_lib.StepSettings.from_config(config)
+  settings = train_lib.StepSettings.from_config(config, model)
   init = functools.partial(state_lib.init_state, model=model,
                            optimizer=optimizer, config=config)
   key = jax.random.key(config.train.seed)

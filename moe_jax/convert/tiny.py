@@ -11,7 +11,11 @@ writes a directory that `transformers.AutoModelForCausalLM` and
              `tokenizers` library on the built-in synthetic corpus
              (moe_jax/data/sources.py), saved by transformers'
              PreTrainedTokenizerFast (tokenizer.json + tokenizer_config.json).
-             Llama: GPT-2's pre-tokenizer, bos '<s>', eos '</s>'. Qwen:
+             Llama: GPT-2's pre-tokenizer, bos '<s>', eos '</s>'. Phi-3:
+             GPT-2's pre-tokenizer, bos '<s>', eos and pad '<|endoftext|>',
+             and the chat tokens '<|system|>', '<|user|>', '<|assistant|>',
+             '<|end|>' plus '<image>' as added special tokens (never split,
+             never merged), with Phi-3's chat template. Qwen:
              Qwen2's (NFC, digits split one by one), '<|endoftext|>' as eos
              and pad, no bos, because transformers 5 loads a 'qwen2'
              directory with its own Qwen2Tokenizer pipeline, whatever the
@@ -20,11 +24,14 @@ writes a directory that `transformers.AutoModelForCausalLM` and
              families.model_kwargs derives from the config.json written
              here), every weight and bias N(0, 0.02²), norm scales
              1 + N(0, 0.02²) (not exactly 1, so that a swapped norm shows
-             in a round trip), written by hf_export.export_hf(to='dense')
+             in a round trip), written by hf_export.export_hf(to='dense'),
+             or to='phi3' (fused qkv_proj / gate_up_proj) for Phi-3
 
 Families: 'llama' (no biases), 'qwen2' (q/k/v biases), 'qwen3' (per-head
-q/k RMSNorm). These models are random: for CPU quickstarts and tests of the
-import -> train / upcycle -> export path, not for quality.
+q/k RMSNorm) and, in CHAT_FAMILIES, 'phi3' (Phi-3 layout and chat tokens:
+the LLM of the tiny VLM stages). These models are random: for CPU
+quickstarts and tests of the import -> train / upcycle -> export path, not
+for quality.
 
 Dimension legend: V vocabulary, D model width, H heads, K kv heads, Dh head
 width, I MLP width, L layers.
@@ -48,18 +55,37 @@ from moe_jax.data import sources
 from moe_jax.models import decoder
 from moe_jax.validation import require
 
+# Plain decoder families: special tokens bos / eos / pad only.
 FAMILIES = ('llama', 'qwen2', 'qwen3')
+# Families whose tokenizer also has chat tokens (and '<image>').
+CHAT_FAMILIES = ('phi3',)
 # family -> (model_type, architecture) of its config.json.
 _ARCHITECTURES = {
     'llama': ('llama', 'LlamaForCausalLM'),
     'qwen2': ('qwen2', 'Qwen2ForCausalLM'),
     'qwen3': ('qwen3', 'Qwen3ForCausalLM'),
+    'phi3': ('phi3', 'Phi3ForCausalLM'),
 }
 # family -> named special tokens of the tokenizer (tokenizer_config.json).
 SPECIAL_TOKENS = {
     'llama': {'bos_token': '<s>', 'eos_token': '</s>'},
     'qwen2': {'eos_token': '<|endoftext|>', 'pad_token': '<|endoftext|>'},
     'qwen3': {'eos_token': '<|endoftext|>', 'pad_token': '<|endoftext|>'},
+    'phi3': {'bos_token': '<s>', 'eos_token': '<|endoftext|>',
+             'pad_token': '<|endoftext|>'},
+}
+# family -> further special tokens (Phi-3's chat turns; the VLM's image
+# placeholder, which data/ expands into the image's feature rows).
+EXTRA_SPECIAL_TOKENS = {
+    'phi3': ('<|system|>', '<|user|>', '<|assistant|>', '<|end|>',
+             '<image>'),
+}
+# Phi-3-mini's chat template (tokenizer_config.json of microsoft/Phi-3-mini).
+CHAT_TEMPLATES = {
+    'phi3': ("{% for message in messages %}{{'<|' + message['role'] + '|>' + "
+             "'\n' + message['content'] + '<|end|>\n'}}{% endfor %}"
+             "{% if add_generation_prompt %}{{'<|assistant|>\n'}}"
+             "{% else %}{{eos_token}}{% endif %}"),
 }
 # transformers' Qwen2Tokenizer pre-tokenizer (tokenization_qwen2.py).
 QWEN_PRETOKENIZE_REGEX = (
@@ -76,8 +102,23 @@ def hf_config(family: str, *, vocab_size: int, d_model: int, num_layers: int,
               rope_theta: float, norm_eps: float, tie_embeddings: bool
               ) -> dict[str, Any]:
   """The config.json fields the family's import reads (families.py)."""
-  require(family in FAMILIES, 'family', f'one of {FAMILIES}', family)
+  require(family in FAMILIES + CHAT_FAMILIES, 'family',
+          f'one of {FAMILIES + CHAT_FAMILIES}', family)
   model_type, arch = _ARCHITECTURES[family]
+  if family == 'phi3':
+    # Phi3Config has no head_dim: it is hidden_size / num_attention_heads.
+    require(head_dim * num_heads == d_model, 'head_dim',
+            f'd_model / num_heads = {d_model / num_heads} (Phi-3 derives it)',
+            head_dim)
+    return dict(
+        architectures=[arch], model_type=model_type, vocab_size=vocab_size,
+        hidden_size=d_model, intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads, hidden_act='silu',
+        rms_norm_eps=norm_eps, rope_theta=rope_theta,
+        partial_rotary_factor=1.0,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=tie_embeddings)
   return dict(
       architectures=[arch], model_type=model_type, vocab_size=vocab_size,
       hidden_size=d_model, intermediate_size=intermediate_size,
@@ -94,6 +135,12 @@ def random_params(kwargs: dict[str, Any], seed: int) -> dict:
   model = decoder.TransformerLM(**kwargs)
   shapes = nn.unbox(jax.eval_shape(lambda: model.init(
       jax.random.key(0), jnp.zeros((1, 2), jnp.int32))))['params']
+  return draw_params(shapes, seed)
+
+
+def draw_params(shapes, seed: int) -> dict:
+  """Values for a tree of shapes: N(0, INIT_STD²), norm scales 1 + N(0,
+  INIT_STD²), drawn in sorted path order (reproducible for a seed)."""
   rng = np.random.default_rng(seed)
 
   def draw(path, leaf):
@@ -110,7 +157,9 @@ def train_tokenizer(vocab_size: int, family: str = 'llama', *,
   """A byte-level BPE `tokenizers.Tokenizer` of at most `vocab_size` tokens
   on the synthetic corpus, in the family's style (SPECIAL_TOKENS first)."""
   import tokenizers  # pylint: disable=g-import-not-at-top
-  specials = list(dict.fromkeys(SPECIAL_TOKENS[family].values()))
+  specials = list(dict.fromkeys(
+      list(SPECIAL_TOKENS[family].values()) +
+      list(EXTRA_SPECIAL_TOKENS.get(family, ()))))
   require(vocab_size >= _BYTES + len(specials), 'vocab_size',
           f'>= {_BYTES + len(specials)} (256 byte symbols + special '
           'tokens)', vocab_size)
@@ -118,7 +167,7 @@ def train_tokenizer(vocab_size: int, family: str = 'llama', *,
       num_docs=num_docs, num_domains=4, seed=seed))
   pre = tokenizers.pre_tokenizers
   tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE())
-  if family == 'llama':
+  if family in ('llama', 'phi3'):
     tokenizer.pre_tokenizer = pre.ByteLevel(add_prefix_space=False)
   else:
     tokenizer.normalizer = tokenizers.normalizers.NFC()
@@ -141,9 +190,12 @@ def save_tokenizer(tokenizer, directory: str, family: str = 'llama', *,
   """tokenizer.json + tokenizer_config.json as transformers writes them."""
   # transformers is a dependency of the library; torch is not needed here.
   import transformers  # pylint: disable=g-import-not-at-top
+  extra = {}
+  if family in EXTRA_SPECIAL_TOKENS:
+    extra['extra_special_tokens'] = list(EXTRA_SPECIAL_TOKENS[family])
   fast = transformers.PreTrainedTokenizerFast(
       tokenizer_object=tokenizer, model_max_length=model_max_length,
-      **SPECIAL_TOKENS[family])
+      **SPECIAL_TOKENS[family], **extra)
   fast.save_pretrained(directory)
   # transformers 5 names its class 'TokenizersBackend', which 4.x does not
   # know; 'PreTrainedTokenizerFast' loads the same tokenizer.json in both.
@@ -152,6 +204,10 @@ def save_tokenizer(tokenizer, directory: str, family: str = 'llama', *,
     config = json.load(f)
   config['tokenizer_class'] = 'PreTrainedTokenizerFast'
   config.pop('backend', None)
+  if family in CHAT_TEMPLATES:
+    # In tokenizer_config.json (read by 4.x and 5.x; 5.x would otherwise
+    # write chat_template.jinja, which export does not copy).
+    config['chat_template'] = CHAT_TEMPLATES[family]
   with open(path, 'w', encoding='utf-8') as f:
     json.dump(config, f, indent=2)
 
@@ -169,7 +225,7 @@ def write_tiny_hf(out_dir: str, family: str = 'llama', *,
 
   Args:
     out_dir: the directory to create (written whole or not at all).
-    family: 'llama' | 'qwen2' | 'qwen3'.
+    family: 'llama' | 'qwen2' | 'qwen3' | 'phi3'.
     vocab_size: V, of the model and (at most, if the corpus runs out of
       merges) of the tokenizer.
     d_model, num_layers, num_heads, num_kv_heads, head_dim,
@@ -212,7 +268,10 @@ def write_tiny_hf(out_dir: str, family: str = 'llama', *,
            if 'bos_token' in special else eos)
     base = dict(bos_token_id=bos, eos_token_id=eos,
                 max_position_embeddings=max_position_embeddings)
-    hf_export.export_hf(kwargs, params, {}, to='dense', out_dir=out_dir,
-                        tokenizer_dir=tok, base_config=base,
+    if family in CHAT_FAMILIES:
+      base['pad_token_id'] = tokenizer.token_to_id(special['pad_token'])
+    hf_export.export_hf(kwargs, params, {},
+                        to='phi3' if family == 'phi3' else 'dense',
+                        out_dir=out_dir, tokenizer_dir=tok, base_config=base,
                         progress=progress)
   return out_dir

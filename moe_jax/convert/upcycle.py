@@ -84,31 +84,104 @@ def moe_ffn_kwargs(dense_ffn: Mapping[str, Any], *, router: str,
   return kwargs
 
 
+# Tensors of a dense MLP (experts.FFNParams names), in the order noise is
+# drawn for them.
+MLP_TENSORS = ('w_in', 'w_out', 'b_in', 'b_out')
+
+
+def _hidden_columns(a: np.ndarray, cols: slice, width: int, swiglu: bool
+                    ) -> np.ndarray:
+  """Hidden units `cols` of w_in [..., I] or b_in (SwiGLU: [gate | up])."""
+  if not swiglu:
+    return a[..., cols]
+  gate, up = a[..., :width], a[..., width:]
+  return np.concatenate([gate[..., cols], up[..., cols]], axis=-1)
+
+
+def segment_mlp(dense: Mapping[str, np.ndarray], g: int, granularity: int,
+                activation: str = 'swiglu') -> dict[str, np.ndarray]:
+  """Segment g of G of a dense MLP {w_in, w_out[, b_in, b_out]}.
+
+  Hidden units [g F, (g + 1) F) with F = I / G: w_in [D, F] (SwiGLU:
+  [D, 2F] = [gate_g | up_g]), b_in likewise, w_out [F, D']; b_out / G, so
+  that the G segments sum to the dense MLP.
+  """
+  width = dense['w_out'].shape[0]
+  f = width // granularity
+  cols = slice(g * f, (g + 1) * f)
+  swiglu = activation == 'swiglu'
+  out = {'w_in': _hidden_columns(dense['w_in'], cols, width, swiglu),
+         'w_out': dense['w_out'][cols]}
+  if 'b_in' in dense:
+    out['b_in'] = _hidden_columns(dense['b_in'], cols, width, swiglu)
+  if 'b_out' in dense:
+    out['b_out'] = dense['b_out'] / granularity
+  return out
+
+
 def segment(w_in: np.ndarray, w_out: np.ndarray, g: int, granularity: int
             ) -> tuple[np.ndarray, np.ndarray]:
   """Segment g of G of a SwiGLU MLP: ([D, 2F] = [gate_g | up_g], [F, D])."""
-  width = w_out.shape[0]
-  f = width // granularity
-  cols = slice(g * f, (g + 1) * f)
-  gate, up = w_in[:, :width], w_in[:, width:]
-  return (np.concatenate([gate[:, cols], up[:, cols]], axis=1),
-          w_out[cols])
+  part = segment_mlp({'w_in': w_in, 'w_out': w_out}, g, granularity)
+  return part['w_in'], part['w_out']
+
+
+def tile_experts(dense: Mapping[str, np.ndarray], *, num_experts: int,
+                 granularity: int = 1, activation: str = 'swiglu',
+                 noise: float = 0.0, rng: np.random.Generator | None = None
+                 ) -> dict[str, np.ndarray]:
+  """E experts from a dense MLP {w_in, w_out[, b_in, b_out]} (any
+  activation): each tensor stacked to [E, ...] float32; expert e is segment
+  e mod G (segment_mlp), plus Gaussian noise of std `noise` x the tensor's
+  own std when noise > 0 (drawn per expert in MLP_TENSORS order)."""
+  require(not noise or rng is not None, 'rng', 'a generator when noise > 0',
+          rng)
+  stacks: dict[str, list] = {name: [] for name in MLP_TENSORS
+                             if name in dense}
+  for e in range(num_experts):
+    part = segment_mlp(dense, e % granularity, granularity, activation)
+    for name in stacks:
+      a = part[name]
+      if noise:
+        # Relative noise: std = noise x the tensor's own std.
+        a = a + rng.normal(0.0, noise * a.std(), a.shape)
+      stacks[name].append(a)
+  return {name: np.stack(v).astype(np.float32) for name, v in stacks.items()}
 
 
 def expert_weights(w_in: np.ndarray, w_out: np.ndarray, *, num_experts: int,
                    granularity: int, noise: float, rng: np.random.Generator
                    ) -> tuple[np.ndarray, np.ndarray]:
-  """E experts from a dense MLP: ([E, D, 2F], [E, F, D]) float32."""
-  ins, outs = [], []
-  for e in range(num_experts):
-    a, b = segment(w_in, w_out, e % granularity, granularity)
-    if noise:
-      # Relative noise: std = noise x the tensor's own std.
-      a = a + rng.normal(0.0, noise * a.std(), a.shape)
-      b = b + rng.normal(0.0, noise * b.std(), b.shape)
-    ins.append(a)
-    outs.append(b)
-  return (np.stack(ins).astype(np.float32), np.stack(outs).astype(np.float32))
+  """E experts from a dense SwiGLU MLP: ([E, D, 2F], [E, F, D]) float32."""
+  tiled = tile_experts({'w_in': w_in, 'w_out': w_out},
+                       num_experts=num_experts, granularity=granularity,
+                       noise=noise, rng=rng)
+  return tiled['w_in'], tiled['w_out']
+
+
+def shared_weights(dense: Mapping[str, np.ndarray], num_shared: int,
+                   activation: str = 'swiglu') -> dict[str, np.ndarray]:
+  """The merged shared MLP of `num_shared` copies of a dense MLP, scaled to
+  compute the dense function: hidden units side by side (SwiGLU: gates,
+  then ups), w_out stacked and divided by n, b_in tiled, b_out as is."""
+  width = dense['w_out'].shape[0]
+  swiglu = activation == 'swiglu'
+
+  def tile_hidden(a):
+    if not swiglu:
+      return np.concatenate([a] * num_shared, axis=-1)
+    gate, up = a[..., :width], a[..., width:]
+    return np.concatenate([gate] * num_shared + [up] * num_shared, axis=-1)
+
+  out = {'w_in': tile_hidden(dense['w_in']),
+         # n copies side by side compute n x dense: scale the output back.
+         'w_out': np.concatenate([dense['w_out']] * num_shared,
+                                 axis=0) / num_shared}
+  if 'b_in' in dense:
+    out['b_in'] = tile_hidden(dense['b_in'])
+  if 'b_out' in dense:
+    out['b_out'] = dense['b_out']
+  return {k: np.asarray(v, np.float32) for k, v in out.items()}
 
 
 def router_variables(router: str, cfg: router_lib.RouterConfig,
@@ -193,13 +266,8 @@ def upcycle(dense_kwargs: Mapping[str, Any], dense_params: Mapping, *,
         w_in, w_out, num_experts=num_experts, granularity=granularity,
         noise=noise, rng=rng)
     if shared_experts:
-      moe['shared']['w_in'] = np.concatenate([w_in[:, :w_out.shape[0]]] *
-                                             shared_experts + [
-                                                 w_in[:, w_out.shape[0]:]] *
-                                             shared_experts, axis=1)
-      # n copies side by side compute n x dense: scale the output back.
-      moe['shared']['w_out'] = np.concatenate([w_out] * shared_experts,
-                                              axis=0) / shared_experts
+      moe['shared'].update(shared_weights({'w_in': w_in, 'w_out': w_out},
+                                          shared_experts))
     router_params, state = routers[layer]
     moe['router']['router'] = jax.tree.map(np.asarray, router_params)
     if state:

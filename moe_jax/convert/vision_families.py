@@ -61,6 +61,7 @@ import numpy as np
 from moe_jax.convert import families
 from moe_jax.convert import hf_import
 from moe_jax.convert import safetensors_io
+from moe_jax.convert import tiny
 from moe_jax.models import vision
 from moe_jax.validation import require
 
@@ -80,7 +81,6 @@ HF_ACTS = {'gelu_tanh': 'gelu_pytorch_tanh', 'quick_gelu': 'quick_gelu',
 _IMAGE_MEANS = {'siglip': ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5]),
                 'clip': ([0.48145466, 0.4578275, 0.40821073],
                          [0.26862954, 0.26130258, 0.27577711])}
-INIT_STD = 0.02
 
 
 def _t(a: np.ndarray) -> np.ndarray:
@@ -350,15 +350,7 @@ def random_params(kwargs: Mapping[str, Any], seed: int) -> dict:
   pixels = jnp.zeros((1, size, size, kwargs.get('num_channels', 3)))
   shapes = nn.unbox(jax.eval_shape(
       lambda: tower.init(jax.random.key(0), pixels)))['params']
-  rng = np.random.default_rng(seed)
-
-  def draw(path, leaf):
-    values = rng.normal(0.0, INIT_STD, leaf.shape).astype(np.float32)
-    if getattr(path[-1], 'key', None) == 'scale':
-      values += 1.0
-    return jnp.asarray(values)
-
-  return jax.tree_util.tree_map_with_path(draw, shapes)
+  return tiny.draw_params(shapes, seed)
 
 
 def write_tiny_tower(out_dir: str, kind: str = 'siglip', *, seed: int = 0,

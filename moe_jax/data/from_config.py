@@ -54,6 +54,13 @@ _TOKENIZER_FIELDS = {
     'split_digits': 'config.data.split_digits',
     'separator': 'config.data.doc_separator',
 }
+_LLAVA_FIELDS = {
+    'seq_len': 'config.data.seq_len',
+    'too_long': 'config.data.too_long',
+    'template': 'config.data.template',
+    'global_batch_size': 'config.train.global_batch',
+    'image_dir': 'config.data.image_dir',
+}
 _PIPELINE_FIELDS = {
     'seq_len': 'config.data.seq_len',
     'global_batch_size': 'config.train.global_batch',
@@ -251,17 +258,18 @@ def build_llava_data(config: ml_collections.ConfigDict):
     raise ValueError(f'config.data.image_aspect={data.image_aspect!r}: '
                      f'expected one of {images_lib.ASPECTS}')
   spec = dataclasses.replace(spec, aspect=data.image_aspect)
-  return llava_lib.build_llava_pipeline(
-      data.train_path, data.image_dir, tokenizer, spec,
-      template=data.template, seq_len=data.seq_len,
-      global_batch_size=config.train.global_batch,
-      image_token_id=config.vlm.image_token_id,
-      num_image_tokens=vision.num_features(
-          config.vision.kind, config.vision.image_size,
-          config.vision.patch_size, config.vision.feature_select),
-      seed=data.shuffle_seed, valid_json=data.eval_path or None,
-      valid_samples=config.train.eval_batches * config.train.global_batch,
-      too_long=data.too_long)
+  with _fields(_LLAVA_FIELDS):
+    return llava_lib.build_llava_pipeline(
+        data.train_path, data.image_dir, tokenizer, spec,
+        template=data.template, seq_len=data.seq_len,
+        global_batch_size=config.train.global_batch,
+        image_token_id=config.vlm.image_token_id,
+        num_image_tokens=vision.num_features(
+            config.vision.kind, config.vision.image_size,
+            config.vision.patch_size, config.vision.feature_select),
+        seed=data.shuffle_seed, valid_json=data.eval_path or None,
+        valid_samples=config.train.eval_batches * config.train.global_batch,
+        too_long=data.too_long)
 
 
 def load_run_tokenizer(config: ml_collections.ConfigDict, workdir: str):

@@ -8,6 +8,8 @@ arguments. Adding a family (a Hugging Face architecture, a vision tower)
 means adding its module and one entry to MODELS.
 
   decoder   decoder-only LM: LibMoE's LM stack, MoE or dense FFN per layer
+  llava     vision-language model: a SigLIP / CLIP tower and an mlp2x_gelu
+            projector (each dense or MoE) spliced into a decoder LLM
 """
 
 from __future__ import annotations
@@ -16,10 +18,12 @@ import ml_collections
 
 from moe_jax.models import attention_probe
 from moe_jax.models import decoder
+from moe_jax.models import llava
 from moe_jax.moe import backend_probe
 
 MODELS = {
     'decoder': decoder,
+    'llava': llava,
 }
 
 
@@ -38,3 +42,8 @@ def build(config: ml_collections.ConfigDict):
   backend_probe.resolve_config(config)
   attention_probe.resolve_config(config)
   return MODELS[config.model_name].from_config(config)
+
+
+def uses_moe(config: ml_collections.ConfigDict) -> bool:
+  """Whether the config's model has MoE layers (routers, aux losses)."""
+  return MODELS[config.model_name].uses_moe(config)

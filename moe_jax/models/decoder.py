@@ -15,6 +15,10 @@ LayerNorm 1 / 0; the MoE tensors as given by the block's std fields.
 
 MoE++'s gating residual threads each MoE layer's router logits to the next.
 
+A vision-language model (models/llava.py) passes `spliced=(mask, values)`:
+the j-th masked position of row b takes values[b, j] instead of its token's
+embedding (LLaVA's masked_scatter of image features), see `splice`.
+
 Activation rematerialisation (`remat`, from the config's `train.remat`) wraps
 every DecoderLayer in flax's lifted jax.checkpoint with one of REMAT_POLICIES;
 the parameter tree is the same with and without it. The tensors the named
@@ -22,8 +26,21 @@ policies keep are tagged with jax.ad_checkpoint.checkpoint_name: 'query',
 'key', 'value' (after RoPE) and 'attention_out' (the attention block's
 output, before its residual add).
 
+The layer loop (`layer_loop`, from `train.layer_loop`) is 'unrolled' (one
+`layer_{i}` sub-tree per layer, L copies of the layer in the program) or
+'scan': one flax nn.scan over a single DecoderLayer named 'layers' whose
+parameters (and router state) are stacked on a leading [L] axis (logical
+name 'layers'), so the program holds one layer and deep models compile
+faster. The scan carries x and MoE++'s previous router logits, and returns
+the same per-layer aux list; `stack_layer_params` / `unstack_layer_params`
+convert between the two parameter layouts. Under scan each layer's router
+rng is split from the 'router' stream (split_rngs), so noisy / dropout
+routers draw different (equally distributed) noise than unrolled; and the
+carried residual stream is float32 from the first layer on (unrolled: from
+the second), so bf16 runs round the first residual add differently.
+
 Dimension legend: B batch, S sequence, D model width, H heads, Dh head width,
-L layers, V vocabulary.
+L layers, V vocabulary, N spliced rows per sample.
 """
 
 from __future__ import annotations
@@ -39,6 +56,7 @@ import ml_collections
 
 from moe_jax.models.rope import apply_rope, inverse_frequencies, rotary_dims
 from moe_jax.moe import layer as layer_lib
+from moe_jax.moe import router as router_lib
 from moe_jax.validation import require
 
 
@@ -56,6 +74,10 @@ NORMS = ('layernorm', 'rmsnorm')
 ATTENTION_BIASES = ('none', 'qkv', 'all')
 QK_NORMS = ('none', 'per_head', 'full')
 KV_PROJECTIONS = ('fused', 'separate')
+# train.layer_loop: a Python loop over `layer_{i}` or one nn.scan ('layers').
+LAYER_LOOPS = ('unrolled', 'scan')
+# The scanned layer's name and the logical name of its stacked [L] axis.
+SCANNED = 'layers'
 
 _POLICIES = jax.checkpoint_policies
 # train.remat -> what each layer keeps for the backward pass (jax's
@@ -89,6 +111,43 @@ def remat_policy(name: str, field: str = 'remat'):
   return REMAT_POLICIES[name]
 
 
+def require_unrolled(config: ml_collections.ConfigDict, what: str) -> None:
+  """Raises a ValueError naming train.layer_loop when it is not 'unrolled'
+  (for tools that read `layer_{i}` parameters: HF import / export, ...)."""
+  loop = config.train.get('layer_loop', 'unrolled')
+  require(loop == 'unrolled', 'train.layer_loop',
+          f"'unrolled' for {what} (it reads layer_{{i}} parameters)", loop)
+
+
+def stack_layer_params(tree: Mapping[str, Any], num_layers: int
+                       ) -> dict[str, Any]:
+  """Unrolled layout -> scan layout: layer_0..layer_{L-1} become one
+  SCANNED sub-tree whose leaves are stacked on a leading [L] axis.
+
+  Works on any collection (params, router_state) of unboxed arrays; the
+  other top-level entries are kept as they are. A collection without
+  layer entries (a stateless router's empty router_state) is unchanged.
+  """
+  names = [f'layer_{i}' for i in range(num_layers)]
+  if not any(n in tree for n in names):
+    return dict(tree)
+  out = {k: v for k, v in tree.items() if k not in names}
+  out[SCANNED] = jax.tree.map(lambda *xs: jnp.stack(xs),
+                              *[tree[n] for n in names])
+  return out
+
+
+def unstack_layer_params(tree: Mapping[str, Any], num_layers: int
+                         ) -> dict[str, Any]:
+  """The inverse of stack_layer_params: SCANNED [L, ...] -> layer_{i}."""
+  if SCANNED not in tree:
+    return dict(tree)
+  out = {k: v for k, v in tree.items() if k != SCANNED}
+  for i in range(num_layers):
+    out[f'layer_{i}'] = jax.tree.map(lambda x, i=i: x[i], tree[SCANNED])
+  return out
+
+
 def norm_layer(kind: str, eps: float, name: str, axis_name: str = 'embed'):
   """float32 LayerNorm (scale, bias) or RMSNorm (scale), logically named."""
   scale = nn.with_logical_partitioning(nn.initializers.ones, (axis_name,))
@@ -104,6 +163,25 @@ def norm_layer(kind: str, eps: float, name: str, axis_name: str = 'embed'):
 def layer_norm(name: str) -> nn.LayerNorm:
   """LibMoE's float32 LayerNorm (eps 1e-6) with 'embed'-named params."""
   return norm_layer('layernorm', 1e-6, name)
+
+
+def splice(x, mask, values):
+  """x with the j-th True position of row b replaced by values[b, j].
+
+  Args:
+    x: [B, S, D] token embeddings.
+    mask: [B, S] bool, the positions to replace (in order, per row).
+    values: [B, N, D] the rows that fill them; a row with fewer than N True
+      positions leaves the rest unused. True positions past the N-th (a
+      caller error) get zeros.
+  Returns:
+    [B, S, D] in x's dtype.
+  """
+  mask = mask.astype(bool)
+  index = jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1          # [B, S]
+  rows = jnp.take_along_axis(values, index[..., None], axis=1,
+                             mode='fill', fill_value=0)          # [B, S, D]
+  return jnp.where(mask[..., None], rows.astype(x.dtype), x)
 
 
 def constrain(x, names):
@@ -253,6 +331,9 @@ class TransformerLM(nn.Module):
   output_bias: bool = True
   # Activation rematerialisation of every layer, a key of REMAT_POLICIES.
   remat: str = 'none'
+  # 'unrolled' (layer_{i}) | 'scan' (one nn.scan, params stacked under
+  # SCANNED), a key of LAYER_LOOPS.
+  layer_loop: str = 'unrolled'
   # dot_product_attention implementation: 'xla' | 'cudnn' (unmasked calls;
   # models/attention_probe.py resolves train.attention='auto').
   attention: str = 'xla'
@@ -262,7 +343,8 @@ class TransformerLM(nn.Module):
     for name, allowed in (('norm', NORMS), ('attention_bias',
                                             ATTENTION_BIASES),
                           ('qk_norm', QK_NORMS),
-                          ('kv_projection', KV_PROJECTIONS)):
+                          ('kv_projection', KV_PROJECTIONS),
+                          ('layer_loop', LAYER_LOOPS)):
       require(getattr(self, name) in allowed, name, f'one of {allowed}',
               getattr(self, name))
     remat_policy(self.remat)
@@ -270,13 +352,34 @@ class TransformerLM(nn.Module):
     require(self.num_heads % kv == 0, 'num_kv_heads',
             f'a divisor of num_heads={self.num_heads}', self.num_kv_heads)
 
+  def router_paths(self) -> list[tuple[str | int, ...]]:
+    """Parameter path of the router behind each entry of the aux list.
+
+    Under scan the path ends with the layer's index into the stacked [L]
+    axis (train.router_post_update slices and updates it).
+    """
+    if self.dense_ffn:
+      return []
+    if self.layer_loop == 'scan':
+      return [(SCANNED, 'moe', 'router', 'router', i)
+              for i in range(self.num_layers)]
+    return [(f'layer_{i}', 'moe', 'router', 'router')
+            for i in range(self.num_layers)]
+
+  def aux_groups(self) -> tuple[tuple[int, int], ...]:
+    """Slices of the aux list whose losses are reduced together (one)."""
+    return ((0, len(self.router_paths())),)
+
   @nn.compact
   def __call__(self, tokens, *, train: bool = False, step=0,
-               attention_mask=None):
+               attention_mask=None, spliced=None):
     """tokens [B, S]; attention_mask [B, S] (1 = token, 0 = padding) or None.
 
     Positions count from 0 at the first column whatever the padding (as
     Hugging Face does without position_ids), so pad on the right.
+    spliced: None, or (mask [B, S] bool, values [B, N, D]): the masked
+    positions take the rows of values in order (`splice`) instead of their
+    token embedding; their token ids are not looked up (any id allowed).
     """
     self._validate()
     b, s = tokens.shape
@@ -284,7 +387,12 @@ class TransformerLM(nn.Module):
         'embedding', nn.with_logical_partitioning(
             nn.initializers.normal(1.0 / math.sqrt(self.d_model)),
             ('vocab', 'embed')), (self.vocab_size, self.d_model))
+    if spliced is not None:
+      # Image placeholders may lie outside the vocabulary: look up id 0.
+      tokens = jnp.where(spliced[0], 0, tokens)
     x = jnp.take(embed, tokens, axis=0).astype(self.dtype)      # [B, S, D]
+    if spliced is not None:
+      x = splice(x, *spliced)
     x = constrain(x, ('batch', 'seq', 'embed'))
     positions = jnp.broadcast_to(jnp.arange(s), (b, s))
     mask = None
@@ -300,18 +408,24 @@ class TransformerLM(nn.Module):
     if self.remat != 'none':
       # static_argnums counts `self` as 0: 4 is `train`. The lifted
       # transform keeps the layer's name, so the parameter tree is unchanged.
+      # prevent_cse only matters outside a scan (flax's advice).
       layer = nn.remat(DecoderLayer, policy=remat_policy(self.remat),
-                       static_argnums=(4,))
-    auxes, prev_logits = [], None
-    for i in range(self.num_layers):
-      x, aux = layer(self.num_heads, self.head_dim, self.num_layers,
-                     self.ffn, self.dense_ffn, attention, self.norm,
-                     self.norm_eps, self.dtype,
-                     name=f'layer_{i}')(x, positions, mask, train, step,
-                                        prev_logits)
-      x = constrain(x, ('batch', 'seq', 'embed'))
-      prev_logits = aux.get('router_logits')
-      auxes.append(aux)
+                       static_argnums=(4,),
+                       prevent_cse=self.layer_loop != 'scan')
+    make = lambda name: layer(self.num_heads, self.head_dim, self.num_layers,
+                              self.ffn, self.dense_ffn, attention, self.norm,
+                              self.norm_eps, self.dtype, name=name)
+    if self.layer_loop == 'scan':
+      x, auxes = self._scan_layers(make(SCANNED), x, positions, mask, train,
+                                   step)
+    else:
+      auxes, prev_logits = [], None
+      for i in range(self.num_layers):
+        x, aux = make(f'layer_{i}')(x, positions, mask, train, step,
+                                    prev_logits)
+        x = constrain(x, ('batch', 'seq', 'embed'))
+        prev_logits = aux.get('router_logits')
+        auxes.append(aux)
     x = norm_layer(self.norm, self.norm_eps, 'ln_final')(x)
     if self.tie_embeddings:
       logits = jnp.einsum('bsd,vd->bsv', x.astype(jnp.float32),
@@ -326,6 +440,42 @@ class TransformerLM(nn.Module):
                             nn.initializers.zeros, ('vocab',)))(x)
     return constrain(logits, ('batch', 'seq', 'vocab')), auxes
 
+  def _scan_layers(self, layer, x, positions, mask, train, step):
+    """x [B, S, D] through L copies of `layer` under nn.scan -> (x, aux
+    list): the list of per-layer aux dicts the unrolled loop returns."""
+    prev_logits = None
+    if not self.dense_ffn:
+      # MoE++'s gating residual adds prev_logits @ G: zeros for the first
+      # layer add exactly nothing (the unrolled loop passes None), and the
+      # carry keeps one shape. Routers that ignore prev_logits ignore it.
+      block = layer_lib.MoEBlock(**self.ffn, parent=None)
+      width = router_lib.output_width(block.router, block.router_config())
+      prev_logits = jnp.zeros((x.shape[0] * x.shape[1], width), jnp.float32)
+
+    # The residual stream leaves every layer in float32 (the FFN half
+    # returns its float32 LayerNorm input's dtype), and a scan carry keeps
+    # one dtype: in bf16 / fp16 the first layer's attention residual add is
+    # float32 here, in the compute dtype when unrolled (float32: identical).
+    x = x.astype(jnp.float32)
+
+    def body(module, carry, positions, mask, step):
+      x, prev_logits = carry
+      x, aux = module(x, positions, mask, train, step, prev_logits)
+      x = constrain(x, ('batch', 'seq', 'embed'))
+      if prev_logits is not None:
+        prev_logits = aux['router_logits']
+      return (x, prev_logits), aux
+
+    scan = nn.scan(body, variable_axes={'params': 0, 'router_state': 0},
+                   split_rngs={'params': True, 'router': True},
+                   in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+                   length=self.num_layers,
+                   metadata_params={nn.PARTITION_NAME: SCANNED})
+    (x, _), stacked = scan(layer, (x, prev_logits), positions, mask, step)
+    # {name: [L, ...]} -> one dict per layer, as the unrolled loop returns.
+    return x, [jax.tree.map(lambda a, i=i: a[i], stacked)
+               for i in range(self.num_layers)]
+
 
 def ffn_kwargs(config: ml_collections.ConfigDict) -> dict:
   """The `ffn` dict of TransformerLM: plain MoEBlock / DenseFFNBlock kwargs."""
@@ -338,9 +488,19 @@ def ffn_kwargs(config: ml_collections.ConfigDict) -> dict:
 
 def from_config(config: ml_collections.ConfigDict) -> TransformerLM:
   """TransformerLM(**config.model, ffn=config.moe | config.dense, remat,
-  dtype); remat = train.remat, dtype = train.dtype."""
+  layer_loop, dtype); remat = train.remat, layer_loop = train.layer_loop,
+  dtype = train.dtype."""
   remat = config.train.remat
   remat_policy(remat, field='train.remat')
+  layer_loop = config.train.layer_loop
+  require(layer_loop in LAYER_LOOPS, 'train.layer_loop',
+          f'one of {LAYER_LOOPS}', layer_loop)
   return TransformerLM(**config.model.to_dict(), ffn=ffn_kwargs(config),
-                       remat=remat, attention=config.train.attention,
+                       remat=remat, layer_loop=layer_loop,
+                       attention=config.train.attention,
                        dtype=jnp.dtype(config.train.dtype))
+
+
+def uses_moe(config: ml_collections.ConfigDict) -> bool:
+  """Whether the config's model has MoE layers (routers, aux losses)."""
+  return not config.model.dense_ffn

@@ -132,7 +132,7 @@ def _act_fn(activation):
 
 
 def _ffn_block(params, xb, e, activation):
-  """One iteration's G blocks: (y [G, BM, D], h_pre [G, BM, F'])."""
+  """One iteration's G blocks: (y [G, BM, D'], h_pre [G, BM, F'])."""
   h_pre = jnp.einsum('gbd,gdf->gbf', xb, params['w_in'][e].astype(xb.dtype),
                      preferred_element_type=jnp.float32)
   if 'b_in' in params:
@@ -161,7 +161,8 @@ def _moe_ffn_fwd(params, x, weight, token_of_row, slot_of_row, row_of_slot,
   bm = token_of_row.shape[0] // nb
   toks = token_of_row.reshape(nb // g, g, bm)
   es = expert.reshape(nb // g, g)
-  d, f_in = x.shape[-1], params['w_in'].shape[-1]
+  # Output rows are D' = w_out's width wide (D unless the block sets d_out).
+  d_out, f_in = params['w_out'].shape[-1], params['w_in'].shape[-1]
 
   def body(i, carry):
     out, h_pre = carry
@@ -170,11 +171,11 @@ def _moe_ffn_fwd(params, x, weight, token_of_row, slot_of_row, row_of_slot,
     y, h = _ffn_block(params, dispatch.take_rows(x, toks[i]), es[i], activation)
     return out.at[i].set(y.astype(out.dtype)), h_pre.at[i].set(h)
 
-  init = (jnp.zeros((nb // g, g, bm, d), x.dtype),
+  init = (jnp.zeros((nb // g, g, bm, d_out), x.dtype),
           jnp.zeros((nb // g, g, bm, f_in), jnp.float32))
   rows, h_pre = _loop(_steps(used, g), body, init)
-  y = dispatch.sum_slot_rows(rows.reshape(nb * bm, d), row_of_slot,
-                             weight)                             # [T, D]
+  y = dispatch.sum_slot_rows(rows.reshape(nb * bm, d_out), row_of_slot,
+                             weight)                             # [T, D']
   res = (params, x, weight, token_of_row, slot_of_row, row_of_slot,
          expert_used, h_pre)
   return y, res

@@ -79,9 +79,11 @@ def _local_ep_ffn(params, x, weight, expert_index, *, num_experts: int,
   ones = jnp.ones((shards * slots, 1), weight.dtype)
   rows = experts_lib.routed_ffn(params, recv_x, ones, plan,
                                 activation=activation, backend=backend)
-  back = _exchange(rows.reshape(shards, slots, d), axis)          # [n, C, D]
+  # The experts' output width D' (d_out) may differ from D.
+  back = _exchange(rows.reshape(shards, slots, rows.shape[-1]),
+                   axis)                                           # [n, C, D']
   y_slots = back.at[dest, position].get(mode='fill', fill_value=0)
-  y_slots = y_slots.reshape(t, k, d)
+  y_slots = y_slots.reshape(t, k, -1)                              # [T_l, K, D']
   return jnp.einsum('tk,tkd->td', weight.astype(y_slots.dtype), y_slots)
 
 
@@ -99,7 +101,7 @@ def ep_routed_ffn(params: dict, x, weight, expert_index, *, num_experts: int,
     activation, backend: as experts.routed_ffn.
 
   Returns:
-    [T, D].
+    [T, D'] (D' = the experts' output width, D unless d_out is set).
   """
   mesh = jax.sharding.get_abstract_mesh()
   shards = mesh.shape[expert_axis]

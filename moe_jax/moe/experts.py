@@ -5,7 +5,8 @@ act one of activations.ACTIVATIONS. Experts know nothing about routing: they
 see rows sorted by expert and the group sizes, and run the grouped matmul of
 a backend (backends.py: loop | ragged_dot | blocked | pallas).
 
-Dimension legend: R rows, D model width, F expert hidden width, E experts,
+Dimension legend: R rows, D model (input) width, D' output width (d_out,
+D unless set: a projector maps D -> D'), F expert hidden width, E experts,
 C capacity.
 """
 
@@ -34,12 +35,12 @@ def grouped_ffn(params: dict, rows: Array, group_sizes: Array, *,
   """Expert FFN over dispatched rows.
 
   Args:
-    params: w_in [E, D, F] ([E, D, 2F] for swiglu), w_out [E, F, D], optional
-      b_in [E, F or 2F] and b_out [E, D].
+    params: w_in [E, D, F] ([E, D, 2F] for swiglu), w_out [E, F, D'],
+      optional b_in [E, F or 2F] and b_out [E, D'].
     rows: [R, D] rows sorted by expert (dispatch.dispatch).
     group_sizes: [E] int32 rows per expert.
   Returns:
-    [R, D]; rows outside every group hold junk the combine never reads.
+    [R, D']; rows outside every group hold junk the combine never reads.
   """
   h = backend.gmm(rows, params['w_in'].astype(rows.dtype), group_sizes)
   owner = None
@@ -58,7 +59,7 @@ def routed_ffn(params: dict, x: Array, weight: Array,
                backend: Backend) -> Array:
   """y[t] = Σ_k weight[t, k] FFN_{expert(t, k)}(x[t]) for a dispatch plan.
 
-  x [T, D], weight [T, K] -> [T, D]. Backends with a fused `moe_ffn` do the
+  x [T, D], weight [T, K] -> [T, D']. Backends with a fused `moe_ffn` do the
   gather, the FFN and the combine in one op; the others go through
   dispatch.dispatch -> grouped_ffn -> dispatch.combine. Same result either way.
   """
@@ -68,12 +69,12 @@ def routed_ffn(params: dict, x: Array, weight: Array,
                            plan.group_sizes, activation=activation)
   rows = dispatch_lib.dispatch(x, plan)                        # [R, D]
   rows = grouped_ffn(params, rows, plan.group_sizes, activation=activation,
-                     backend=backend)
+                     backend=backend)                           # [R, D']
   return dispatch_lib.combine(rows, weight, plan)
 
 
 def batched_ffn(params: dict, x: Array, *, activation: str) -> Array:
-  """Expert FFN over capacity buffers x [E, C, D] -> [E, C, D]."""
+  """Expert FFN over capacity buffers x [E, C, D] -> [E, C, D']."""
   h = jnp.einsum('ecd,edf->ecf', x, params['w_in'].astype(x.dtype))
   if 'b_in' in params:
     h = h + params['b_in'][:, None, :].astype(h.dtype)
@@ -85,7 +86,7 @@ def batched_ffn(params: dict, x: Array, *, activation: str) -> Array:
 
 
 def dense_ffn(params: dict, x: Array, *, activation: str) -> Array:
-  """One FFN (shared expert or dense baseline): x [T, D] -> [T, D]."""
+  """One FFN (shared expert or dense baseline): x [T, D] -> [T, D']."""
   h = x @ params['w_in'].astype(x.dtype)
   if 'b_in' in params:
     h = h + params['b_in'].astype(h.dtype)
@@ -96,12 +97,17 @@ def dense_ffn(params: dict, x: Array, *, activation: str) -> Array:
 
 
 def ffn_param_shapes(num_experts: int | None, d_model: int, width: int,
-                     activation: str) -> dict[str, tuple[int, ...]]:
-  """Shapes of the FFN weights; num_experts None gives a single FFN."""
+                     activation: str, d_out: int | None = None
+                     ) -> dict[str, tuple[int, ...]]:
+  """Shapes of the FFN weights; num_experts None gives a single FFN.
+
+  d_out: the output width D' (None: d_model).
+  """
   lead = () if num_experts is None else (num_experts,)
   w_in = 2 * width if activation == 'swiglu' else width
-  return {'w_in': lead + (d_model, w_in), 'w_out': lead + (width, d_model),
-          'b_in': lead + (w_in,), 'b_out': lead + (d_model,)}
+  out = d_model if d_out is None else d_out
+  return {'w_in': lead + (d_model, w_in), 'w_out': lead + (width, out),
+          'b_in': lead + (w_in,), 'b_out': lead + (out,)}
 
 
 class FFNParams(nn.Module):
@@ -114,11 +120,13 @@ class FFNParams(nn.Module):
   use_bias: bool
   w_in_std: float
   w_out_std: float
+  # Output width D'; None means d_model.
+  d_out: int | None = None
 
   @nn.compact
   def __call__(self) -> dict:
     shapes = ffn_param_shapes(self.num_experts, self.d_model, self.width,
-                              self.activation)
+                              self.activation, self.d_out)
     lead = () if self.num_experts is None else ('expert',)
     normal = lambda std: nn.initializers.normal(stddev=std)
     params = {

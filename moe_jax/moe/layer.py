@@ -11,8 +11,14 @@ The block returns (y, aux): aux['losses'] holds the UNWEIGHTED auxiliary losses
 statistics (including what the train step updates router state from), and
 aux['router_logits'] the logits MoE++'s gating residual feeds to the next layer.
 
-Dimension legend: B batch, S sequence, T = B*S, D model width, F expert width,
-E experts, K slots, R dispatched rows, N MoE++ constant experts.
+The output width D' (`d_out`) is D unless set: a projector MoE (LLaVA's
+mlp2x_gelu, D -> F -> D') routes D-wide tokens to experts [D, F] -> [F, D'].
+The shared expert has the same output width; MoE++'s copy and constant
+experts return x itself, so they need D' = D.
+
+Dimension legend: B batch, S sequence, T = B*S, D model (input) width, D'
+output width, F expert width, E experts, K slots, R dispatched rows, N MoE++
+constant experts.
 """
 
 from __future__ import annotations
@@ -67,6 +73,8 @@ class MoEBlock(nn.Module):
   top_k: int
   # Hidden width F of each routed expert.
   expert_width: int
+  # Output width D' of the block; None means d_model (D' = D).
+  d_out: int | None = None
   # Routing algorithm, a key of router.ROUTERS.
   router: str = 'smoe'
   # RouterConfig fields (temperature, parity flags, ...).
@@ -113,6 +121,8 @@ class MoEBlock(nn.Module):
   def _validate(self):
     require(self.expert_width >= 1, 'expert_width', 'an integer >= 1',
             self.expert_width)
+    require(self.d_out is None or self.d_out >= 1, 'd_out',
+            'None (= d_model) or an integer >= 1', self.d_out)
     require(self.shared_experts >= 0, 'shared_experts', 'an integer >= 0',
             self.shared_experts)
     require(self.shared_mix in SHARED_MIXES, 'shared_mix',
@@ -133,9 +143,14 @@ class MoEBlock(nn.Module):
     bad = [n for n in (self.losses or ()) if n not in losses_lib.LOSSES]
     require(not bad, 'losses', f'names among {losses_lib.LOSSES}', bad)
 
+  @property
+  def out_width(self) -> int:
+    """D': d_out, or d_model when it is None."""
+    return self.d_model if self.d_out is None else self.d_out
+
   @nn.compact
   def __call__(self, x, *, train: bool = False, step=0, prev_logits=None):
-    """x [B, S, D] -> (y [B, S, D], aux)."""
+    """x [B, S, D] -> (y [B, S, D'], aux)."""
     self._validate()
     cfg = self.router_config()
     backend = backends.get_backend(self.backend)
@@ -151,13 +166,15 @@ class MoEBlock(nn.Module):
     expert_in = (xt * scale).astype(self.dtype)
     params = experts_lib.FFNParams(
         self.num_experts, d, self.expert_width, self.activation,
-        self.expert_bias, self.w_in_std, self.w_out_std, name='experts')()
+        self.expert_bias, self.w_in_std, self.w_out_std, self.d_out,
+        name='experts')()
     metrics = metrics_lib.routing_stats(out, b)
     y, metrics['dropped_slots'] = self._routed_experts(
-        params, expert_in, out, backend)                        # [T, D]
-    y = y + self._special_experts(out, expert_in, cfg)
+        params, expert_in, out, backend)                        # [T, D']
+    if out.special and (cfg.n_copy or cfg.n_const):
+      y = y + self._special_experts(out, expert_in, cfg)
     if self.shared_experts:
-      y_shared = self._shared_expert(xt)                        # [T, D]
+      y_shared = self._shared_expert(xt)                        # [T, D']
       if self.shared_mix == 'sigmoid_gate':
         y = y + self._shared_gate(xt).astype(y_shared.dtype) * y_shared
       else:
@@ -175,10 +192,10 @@ class MoEBlock(nn.Module):
         'routing': {'choice': out.choice, 'weight': out.weight,
                     'probs': out.analysis_probs},
     }
-    return y.reshape(b, s, d).astype(x.dtype), aux
+    return y.reshape(b, s, self.out_width).astype(x.dtype), aux
 
   def _routed_experts(self, params, expert_in, out, backend):
-    """Σ_k weight · FFN_expert(x) over the routed slots: ([T, D], dropped).
+    """Σ_k weight · FFN_expert(x) over the routed slots: ([T, D'], dropped).
 
     Three ways, one result when nothing drops: expert-parallel all-to-all
     when the context mesh splits the experts (dropless), sort-based dropless
@@ -211,11 +228,12 @@ class MoEBlock(nn.Module):
                                     backend=backend), no_drops
 
   def _shared_expert(self, xt):
-    """The always-on shared MLP (all shared experts merged): [T, D]."""
+    """The always-on shared MLP (all shared experts merged): [T, D']."""
     width = self.shared_experts * (self.shared_width or self.expert_width)
     shared = experts_lib.FFNParams(
         None, self.d_model, width, self.activation, self.expert_bias,
-        self.shared_w_in_std, self.shared_w_out_std, name='shared')()
+        self.shared_w_in_std, self.shared_w_out_std, self.d_out,
+        name='shared')()
     return experts_lib.dense_ffn(shared, xt.astype(self.dtype),
                                  activation=self.activation)
 
@@ -229,6 +247,9 @@ class MoEBlock(nn.Module):
 
   def _special_experts(self, out, expert_in, cfg):
     """Copy and constant experts of MoE++ (zero otherwise): [T, D]."""
+    require(self.out_width == self.d_model, 'd_out',
+            f'None or d_model={self.d_model}: router {self.router!r} has '
+            'copy / constant experts, which return x itself', self.d_out)
     y = jnp.zeros_like(expert_in)
     if 'copy_weight' in out.special:
       y = y + out.special['copy_weight'][:, None].astype(y.dtype) * expert_in
@@ -239,10 +260,15 @@ class MoEBlock(nn.Module):
 
 
 class DenseFFNBlock(nn.Module):
-  """FLOP-matched dense baseline: x [B, S, D] -> FFN of width F -> [B, S, D]."""
+  """FLOP-matched dense baseline: x [B, S, D] -> FFN of width F -> [B, S, D'].
+
+  D' = d_out, or d_model when it is None (LLaVA's projector: D -> F -> D').
+  """
 
   d_model: int
   width: int
+  # Output width D'; None means d_model.
+  d_out: int | None = None
   activation: str = 'relu'
   use_bias: bool = True
   w_in_std: float = 0.02
@@ -254,7 +280,8 @@ class DenseFFNBlock(nn.Module):
     activations.check_activation(self.activation)
     params = experts_lib.FFNParams(None, self.d_model, self.width,
                                    self.activation, self.use_bias,
-                                   self.w_in_std, self.w_out_std, name='ffn')()
+                                   self.w_in_std, self.w_out_std, self.d_out,
+                                   name='ffn')()
     y = experts_lib.dense_ffn(params, x.astype(self.dtype),
                               activation=self.activation)
     return y.astype(x.dtype), {'losses': {}, 'metrics': {}}

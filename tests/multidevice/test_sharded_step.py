@@ -56,7 +56,7 @@ def loss_and_grads(config, devices):
   rules = sharding_lib.logical_rules(config.mesh)
   model = models.build(config)
   optimizer, _ = state_lib.make_optimizer(config.train)
-  settings = train_lib.StepSettings.from_config(config)
+  settings = train_lib.StepSettings.from_config(config, model)
   init = functools.partial(state_lib.init_state, model=model,
                            optimizer=optimizer, config=config)
   key = jax.random.key(0)

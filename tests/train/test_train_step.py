@@ -43,7 +43,7 @@ def one_step(config, batch_seed=0):
   """(state before, state after, metrics, batch) of one train step."""
   model = models.build(config)
   optimizer, schedule = state_lib.make_optimizer(config.train)
-  settings = train_lib.StepSettings.from_config(config)
+  settings = train_lib.StepSettings.from_config(config, model)
   state = jax.jit(lambda k: train_lib.nn.unbox(state_lib.init_state(
       k, model=model, optimizer=optimizer, config=config)))(
           jax.random.key(config.train.seed))

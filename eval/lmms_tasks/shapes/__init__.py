@@ -1,0 +1,1 @@
+"""The tiny shapes multiple-choice task for lmms-eval (vlm_shapes.yaml)."""
