@@ -28,6 +28,7 @@ from moe_jax import restore
 from moe_jax.analysis import results
 from moe_jax.analysis import tracing
 from moe_jax.data import from_config
+from moe_jax.models import decoder
 from moe_jax.moe import experts as experts_lib
 from moe_jax.moe import layer as layer_lib
 
@@ -182,6 +183,8 @@ def evaluate_similarity(config, workdir: str, *, step: int | None = None,
     (per-layer frame with a 'step' column, [L, E, E] CKA matrices).
   """
   tracing.require_routing(config, 'compare experts of')
+  # It reads each layer's experts from layer_{i} parameters.
+  decoder.require_unrolled(config, 'expert similarity')
   run = restore.restore_run(config, workdir, step, what='compare experts of')
   model, variables, step = run.model, run.variables, run.step
   pipeline = from_config.build_data(config, os.path.abspath(workdir))

@@ -25,7 +25,15 @@ from moe_jax.data import from_config
 
 
 def require_routing(config, what: str) -> None:
-  """The dense baseline routes nothing: a clear error, not an empty trace."""
+  """The dense baseline routes nothing: a clear error, not an empty trace.
+
+  DropTop and expert similarity score language models on text; a VLM's
+  routing is analysed through its traces (--mode=trace).
+  """
+  if config.get('model_name') == 'llava':
+    raise ValueError(f"model_name='llava': {what} a VLM is not supported "
+                     '(LM runs only); trace its tower and projector with '
+                     '--mode=trace and read the report')
   if config.model.dense_ffn:
     raise ValueError(f'model.dense_ffn: the dense baseline has no routing to '
                      f'{what}')

@@ -18,7 +18,10 @@
   export   --workdir=W --to=TARGET --out=DIR [--config=FILE[:arg]]
            the workdir's newest checkpoint as an HF directory of a target
            of hf_export.TARGETS (dense, mixtral, qwen2_moe, ...), with the
-           tokenizer files of an HF-tokenized run
+           tokenizer files of an HF-tokenized run; a VLM run (model_name
+           'llava') with --to=llava: a LlavaForConditionalGeneration
+           directory with its processor files (convert/llava_export.py;
+           dense tower and projector only: PT / PFT stages)
 
 import / upcycle start from the tiny CPU experiment of the router
 (configs/dense_154m.py:tiny, or configs/upcycle/*_<R>.py:tiny) unless
@@ -40,7 +43,7 @@ import os
 import pathlib
 import re
 import sys
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -58,10 +61,13 @@ from moe_jax import upcycle_experiment
 from moe_jax.convert import hf_export
 from moe_jax.convert import hf_import
 from moe_jax.convert import init_from_hf
+from moe_jax.convert import init_vlm
+from moe_jax.convert import llava_export
 from moe_jax.convert import tiny
 from moe_jax.convert import upcycle as upcycle_lib
 from moe_jax.data import tokenizer as tokenizer_lib
 from moe_jax.models import decoder
+from moe_jax.models import llava
 
 ConfigDict = ml_collections.ConfigDict
 PROG = 'moe_jax.convert'
@@ -71,6 +77,12 @@ CONFIGS = pathlib.Path(__file__).resolve().parents[2] / 'configs'
 USER_ERRORS = (ValueError, OSError, checkpoint_lib.CheckpointCorrupt,
                checkpoint_lib.CheckpointSaveError)
 # init.upcycle fields that the upcycle subcommand's options set.
+# export --to: the LLM targets, and 'llava' for a VLM run.
+LLAVA_TARGET = 'llava'
+EXPORT_TARGETS = hf_export.TARGETS + (LLAVA_TARGET,)
+# Llava fields that make the kwargs llava_export reads.
+LLAVA_FIELDS = ('tower', 'llm', 'projector_width', 'image_token_id',
+                'tower_ffn', 'projector_ffn', 'moe', 's2_scales')
 UPCYCLE_FIELDS = ('router', 'num_experts', 'top_k', 'granularity',
                   'shared_experts', 'shared_mix', 'noise', 'seed',
                   'router_seed')
@@ -352,17 +364,60 @@ def tokenizer_files(config: ConfigDict) -> tuple[str | None, dict[str, Any]]:
   return directory, {k: v for k, v in base.items() if v is not None}
 
 
+def _plain(value):
+  """Module attributes (FrozenDicts, tuples) as plain dicts and values."""
+  if isinstance(value, Mapping):
+    return {k: _plain(v) for k, v in value.items()}
+  return value
+
+
+def export_llava_run(config: ConfigDict, args: argparse.Namespace) -> None:
+  """export --to=llava of a VLM run (config.model_name 'llava')."""
+  if args.to != LLAVA_TARGET:
+    raise ValueError(f'--to={args.to}: the workdir is a VLM run (model_name '
+                     f"'llava'); export it with --to={LLAVA_TARGET}")
+  if args.config:
+    # A stage config names its HF directories / previous stage; resolving
+    # fills the model's sizes, the tokenizer and the image processor.
+    init_vlm.resolve(config, args.workdir)
+  model = llava.from_config(config)
+  kwargs = {name: _plain(getattr(model, name)) for name in LLAVA_FIELDS}
+  tokenizer_dir = config.data.tokenizer
+  # Before reading the checkpoint: what the class cannot hold fails fast.
+  llava_export.check_exportable(kwargs,
+                                llava_export.text_target_of(tokenizer_dir))
+  llava_export.check_image_token(tokenizer_dir, kwargs['image_token_id'])
+  run = restore.restore_run(config, args.workdir, what='export')
+  out = llava_export.export_llava(
+      args.out, kwargs, run.params, tokenizer_dir=tokenizer_dir,
+      image_processor_config=config.data.image_processor,
+      template=config.data.template, progress=True)
+  print(f'exported checkpoint {run.step} of {os.path.abspath(args.workdir)} '
+        f'to {out} as LlavaForConditionalGeneration (stage '
+        f"{config.get('stage', '?')}); tokenizer and processor files from "
+        f'{tokenizer_dir} and {config.data.image_processor}')
+
+
 def cmd_export(args: argparse.Namespace) -> None:
   if os.path.exists(args.out):
     raise FileExistsError(f'--out={args.out} exists; export writes a new '
                           'directory')
   config = (config_lib.load_config(args.config) if args.config else
             config_from_workdir(args.workdir))
+  if config.get('model_name') == 'llava':
+    export_llava_run(config, args)
+    return
+  if args.to == LLAVA_TARGET:
+    raise ValueError(f'--to={LLAVA_TARGET}: the workdir is not a VLM run '
+                     f"(model_name {config.get('model_name')!r}, not "
+                     "'llava'); use one of " + ', '.join(hf_export.TARGETS))
   if config.init.hf_path:
     # An HF-initialised --config: its model comes from the HF directory, as
     # in training; once resolved, restore_run need not resolve it again.
     init_from_hf.resolve(config)
     config.init.hf_path = ''
+  # The key tables read layer_{i} parameters (a scan run stacks them).
+  decoder.require_unrolled(config, 'HF export')
   kwargs = dict(config.model.to_dict(), ffn=decoder.ffn_kwargs(config))
   # Before reading the checkpoint: a model the target cannot hold fails fast.
   hf_export.check_exportable(kwargs, args.to)
@@ -433,7 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
   p = sub.add_parser('export', help="a run's newest checkpoint as an HF "
                      'model directory')
   p.add_argument('--workdir', required=True)
-  p.add_argument('--to', required=True, choices=hf_export.TARGETS)
+  p.add_argument('--to', required=True, choices=EXPORT_TARGETS)
   p.add_argument('--out', required=True, help='new directory to write')
   p.add_argument('--config', default=None, help='config FILE[:arg] of the '
                  'run (default: the workdir\'s config.json)')

@@ -5,7 +5,9 @@ real exit status). A dense import exported back is the same checkpoint,
 tensor for tensor; an upcycled run exported to Mixtral computes, in
 transformers, the logits of the moe_jax model restored from the workdir; the
 imported workdir is traced and trained on by the training loop from its
-step-0 checkpoint; errors are one line with exit status 2.
+step-0 checkpoint; a PT-stage VLM workdir exported --to=llava computes, in
+transformers' LlavaForConditionalGeneration, the restored model's logits
+(an MoE tower is refused); errors are one line with exit status 2.
 """
 
 import json
@@ -18,12 +20,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from moe_jax import checkpoint as checkpoint_lib
 from moe_jax import config_lib
+from moe_jax import models
 from moe_jax import restore
+from moe_jax import run_log
+from moe_jax import state as state_lib
 from moe_jax import train
+from moe_jax import vlm_experiment
 from moe_jax.analysis import tracing
 from moe_jax.convert import __main__ as cli
 from moe_jax.convert import hf_import
+from moe_jax.convert import init_vlm
 from moe_jax.convert import safetensors_io
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -216,3 +224,83 @@ def test_key_mismatch_and_refused_target_from_the_command_line(llama,
     assert len(errors) == 1 and done.stderr.endswith(errors[0] + '\n')
     assert message in errors[0]
     assert 'Traceback' not in done.stderr
+
+
+def vlm_workdir(workdir):
+  """A tiny PT-stage VLM run directory: resolved config.json and a step-0
+  checkpoint of the stage's starting variables (random projector), as
+  training would write them, without training."""
+  config = vlm_experiment.experiment('smoe', 'pt', 'tiny')
+  init_vlm.resolve(config, str(workdir))
+  model = models.build(config)
+  optimizer, _ = state_lib.make_optimizer(config.train)
+  params, router_state = init_vlm.initial_variables(config, model)
+  state = state_lib.TrainState(
+      step=jnp.zeros((), jnp.int32), params=params,
+      opt_state=optimizer.init(params), router_state=router_state,
+      router_hook=state_lib.init_router_hook(config))
+  checkpoints = checkpoint_lib.Checkpointer(
+      os.path.join(workdir, 'checkpoints'), keep=1, asynchronous=False)
+  try:
+    checkpoints.save(0, state, None)
+  finally:
+    checkpoints.close()
+  run_log.write_resolved_config(config, str(workdir))
+  return config
+
+
+def test_vlm_workdir_exports_to_llava(tmp_path, capsys):
+  torch = pytest.importorskip('torch')
+  transformers = pytest.importorskip('transformers')
+  workdir, out = tmp_path / 'pt', tmp_path / 'llava'
+  config = vlm_workdir(workdir)
+  status, text, err = run(capsys, 'export', f'--workdir={workdir}',
+                          '--to=llava', f'--out={out}')
+  assert status == 0, err
+  assert 'as LlavaForConditionalGeneration (stage pt)' in text
+  hf = transformers.LlavaForConditionalGeneration.from_pretrained(
+      out, dtype=torch.float32, attn_implementation='eager',
+      local_files_only=True).eval()
+  processor = transformers.AutoProcessor.from_pretrained(
+      out, local_files_only=True)
+  assert type(processor).__name__ == 'LlavaProcessor'
+  image_id = config.vlm.image_token_id
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(7, config.model.vocab_size, (1, 24))
+  tokens[0, 2:18] = image_id                        # N = (32 / 8)² rows
+  images = rng.normal(size=(1, 32, 32, 3)).astype(np.float32)
+  with torch.no_grad():
+    want = hf(input_ids=torch.tensor(tokens),
+              pixel_values=torch.tensor(images).permute(0, 3, 1, 2)
+              ).logits.numpy()
+  restored = restore.restore_run(cli.config_from_workdir(str(workdir)),
+                                 str(workdir))
+  got, _ = restored.model.apply(restored.variables,
+                                jnp.asarray(tokens, jnp.int32),
+                                jnp.asarray(images))
+  np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, rtol=1e-4)
+  capsys.readouterr()                 # transformers' progress bars
+
+  # A VLM exports only as LLaVA; an MoE tower (SFT) is refused before the
+  # checkpoint is read; --to=llava of an LM run is refused.
+  sft = tmp_path / 'sft'
+  sft.mkdir()
+  saved = json.loads((workdir / 'config.json').read_text())
+  saved['vlm']['tower_ffn'] = 'moe'
+  (sft / 'config.json').write_text(json.dumps(saved))
+  lm = tmp_path / 'lm'
+  lm.mkdir()
+  (lm / 'config.json').write_text(json.dumps({'model_name': 'decoder',
+                                              'init': {}}))
+  for argv, message in (
+      ([f'--workdir={workdir}', '--to=dense'], 'export it with --to=llava'),
+      ([f'--workdir={sft}', '--to=llava'], "tower_ffn='moe'"),
+      ([f'--workdir={lm}', '--to=llava'], 'not a VLM run')):
+    status, text, err = run(capsys, 'export', *argv,
+                            f'--out={tmp_path / "refused"}')
+    assert status == 2 and err.startswith(ERROR), err
+    assert message in err, err
+  assert 'moe_jax_vlm' in run(capsys, 'export', f'--workdir={sft}',
+                              '--to=llava', f'--out={tmp_path / "r"}')[2]
+  assert not (tmp_path / 'refused').exists()
+  assert not (tmp_path / 'r').exists()
