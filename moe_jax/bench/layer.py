@@ -16,6 +16,13 @@ work) and `ragged_dot` (a dense expansion on CPU) take 10-200x the dense FFN
 and run with --backends. The last line is
 `best_ratio=<moe/dense of the fastest backend>`, the largest such ratio over
 the token counts (the worst case).
+
+Each token count also prints a `floor` row, not a backend: every expert gets
+exactly C = ceil(T*K/E) rows in one [E, C, D] batch (no router, dispatch,
+combine or padding), forward plus a hand-written backward: the six batched
+matmuls any XLA formulation of the layer must run, each streaming all E
+experts' weights or weight gradients. Where the floor itself is above the
+target ratio, no backend built from XLA ops reaches it on that machine.
 """
 
 from __future__ import annotations
@@ -28,6 +35,8 @@ import time
 import jax
 import jax.numpy as jnp
 
+from moe_jax.moe import activations
+from moe_jax.moe import experts as experts_lib
 from moe_jax.moe import layer as layer_lib
 
 # Backends whose work grows with E (loop) or that expand densely on CPU
@@ -57,6 +66,44 @@ def _fwd_bwd(module, variables, x):
     y, aux = module.apply({**variables, 'params': params}, x)
     return jnp.sum(y) + sum(aux['losses'].values())
   return jax.jit(jax.grad(loss, argnums=(0, 1))), (variables['params'], x)
+
+
+def floor_grads(params: dict, xb: jax.Array, dy: jax.Array,
+                activation: str) -> tuple[dict, jax.Array]:
+  """Gradients of Σ dy * FFN_e(xb[e]) w.r.t. the expert weights and xb.
+
+  The backward is written out (as blocked_gmm's custom VJP is), so XLA runs
+  exactly two batched matmuls forward and four backward.
+
+  Args:
+    params: w_in [E, D, F'], w_out [E, F, D].
+    xb: [E, C, D] each expert's rows.
+    dy: [E, C, D] the output's cotangent.
+  Returns:
+    ({'w_in': [E, D, F'], 'w_out': [E, F, D]}, dx [E, C, D]).
+  """
+  act = lambda h: activations.apply_activation(h, activation)
+  h_pre = jnp.einsum('ecd,edf->ecf', xb, params['w_in'])         # [E, C, F']
+  h, act_vjp = jax.vjp(act, h_pre)                               # [E, C, F]
+  dh, = act_vjp(jnp.einsum('ecd,efd->ecf', dy, params['w_out']))
+  grads = {'w_out': jnp.einsum('ecf,ecd->efd', h, dy),
+           'w_in': jnp.einsum('ecd,ecf->edf', xb, dh)}
+  return grads, jnp.einsum('ecf,edf->ecd', dh, params['w_in'])
+
+
+def _floor_fn(t: int, args):
+  """jit(floor_grads) and its arguments at T = t tokens."""
+  e = args.num_experts
+  rows = -(-t * args.top_k // e)                                 # C
+  shapes = experts_lib.ffn_param_shapes(e, args.d_model, args.expert_width,
+                                        args.activation)
+  keys = jax.random.split(jax.random.PRNGKey(3), 4)
+  params = {name: 0.02 * jax.random.normal(key, shapes[name], jnp.float32)
+            for name, key in zip(('w_in', 'w_out'), keys)}
+  xb = jax.random.normal(keys[2], (e, rows, args.d_model), jnp.float32)
+  dy = jax.random.normal(keys[3], (e, rows, args.d_model), jnp.float32)
+  fn = jax.jit(lambda p, x, g: floor_grads(p, x, g, args.activation))
+  return fn, (params, xb, dy)
 
 
 def _token_counts(text: str) -> list[int]:
@@ -92,6 +139,11 @@ def bench_tokens(t: int, args) -> dict[str, float]:
     ratios[name] = seconds / t_dense
     print(f'{name:<12}{t:>7}{seconds:>10.4f}{t_dense:>10.4f}'
           f'{ratios[name]:>8.2f}', flush=True)
+  floor_fn, floor_args = _floor_fn(t, args)
+  seconds, t_dense = _time_against(floor_fn, floor_args, dense_fn, dense_args,
+                                   args.repeats)
+  print(f'{"floor":<12}{t:>7}{seconds:>10.4f}{t_dense:>10.4f}'
+        f'{seconds / t_dense:>8.2f}', flush=True)
   return ratios
 
 
