@@ -56,7 +56,6 @@ from tqdm import tqdm
 from moe_jax import loglikelihood
 from moe_jax import restore
 from moe_jax import run_log
-from moe_jax import scoring
 from moe_jax.data import conversation
 from moe_jax.data import images as images_lib
 from moe_jax.data import tokenizer as tokenizer_lib
@@ -86,31 +85,26 @@ def token_scores(params, router_state, step, tokens: jax.Array,
   """tokens [B, S + 1], images [B, H, W, C], lengths [B] (input tokens of
   each row) -> (log p(target) [B, S], argmax [B, S]).
 
-  Position s scores tokens[:, s + 1] given tokens[:, :s + 1] and the image.
+  Position s scores tokens[:, s + 1] given tokens[:, :s + 1] and the image
+  (loglikelihood.token_scores with the image and the padding mask).
   """
-  inputs, targets = tokens[:, :-1], tokens[:, 1:]
-  mask = (jnp.arange(inputs.shape[1])[None, :] <
+  mask = (jnp.arange(tokens.shape[1] - 1)[None, :] <
           lengths[:, None]).astype(jnp.int32)                    # [B, S]
-  logits, _ = scoring.apply_model(model, params, router_state, inputs,
-                                  train=False, step=step, images=images,
-                                  attention_mask=mask)
-  logits = logits.astype(jnp.float32)                            # [B, S, V]
-  log_probs = jax.nn.log_softmax(logits, axis=-1)
-  target_lp = jnp.take_along_axis(log_probs, targets[..., None], -1)[..., 0]
-  return target_lp, jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  return loglikelihood.token_scores(params, router_state, step, tokens,
+                                    model=model, images=images,
+                                    attention_mask=mask)
 
 
 def next_tokens(params, router_state, step, tokens: jax.Array,
                 images: jax.Array, last: jax.Array, *, model) -> jax.Array:
   """tokens [B, S], images [B, H, W, C], last [B] -> the argmax after
-  tokens[b, :last[b] + 1] [B]."""
+  tokens[b, :last[b] + 1] [B] (loglikelihood.next_tokens with the image
+  and the padding mask)."""
   mask = (jnp.arange(tokens.shape[1])[None, :] <=
           last[:, None]).astype(jnp.int32)                       # [B, S]
-  logits, _ = scoring.apply_model(model, params, router_state, tokens,
-                                  train=False, step=step, images=images,
-                                  attention_mask=mask)
-  at_last = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
-  return jnp.argmax(at_last, axis=-1).astype(jnp.int32)          # [B]
+  return loglikelihood.next_tokens(params, router_state, step, tokens, last,
+                                   model=model, images=images,
+                                   attention_mask=mask)
 
 
 class VLMScorer:

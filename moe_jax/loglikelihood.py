@@ -101,15 +101,17 @@ def _window(request: Request, max_len: int) -> tuple[np.ndarray, int]:
           min(len(request.continuation), len(tokens) - 1))
 
 
-def token_scores(params, router_state, step, tokens: jax.Array, *, model
-                 ) -> tuple[jax.Array, jax.Array]:
+def token_scores(params, router_state, step, tokens: jax.Array, *, model,
+                 **model_inputs) -> tuple[jax.Array, jax.Array]:
   """tokens [B, S + 1] -> (log p(target) [B, S], argmax [B, S]).
 
   Position s scores tokens[:, s + 1] given tokens[:, :s + 1].
+  model_inputs: the model's other inputs by name, passed to its apply (VLM:
+  images [B, H, W, C], attention_mask [B, S]; eval/vlm_scorer.py).
   """
   inputs, targets = tokens[:, :-1], tokens[:, 1:]
   logits, _ = scoring.apply_model(model, params, router_state, inputs,
-                                  train=False, step=step)
+                                  train=False, step=step, **model_inputs)
   logits = logits.astype(jnp.float32)                            # [B, S, V]
   log_probs = jax.nn.log_softmax(logits, axis=-1)
   target_lp = jnp.take_along_axis(log_probs, targets[..., None], -1)[..., 0]
@@ -117,10 +119,13 @@ def token_scores(params, router_state, step, tokens: jax.Array, *, model
 
 
 def next_tokens(params, router_state, step, tokens: jax.Array,
-                last: jax.Array, *, model) -> jax.Array:
-  """tokens [B, S], last [B] -> the argmax after tokens[b, :last[b] + 1]."""
+                last: jax.Array, *, model, **model_inputs) -> jax.Array:
+  """tokens [B, S], last [B] -> the argmax after tokens[b, :last[b] + 1].
+
+  model_inputs: the model's other inputs by name (as token_scores).
+  """
   logits, _ = scoring.apply_model(model, params, router_state, tokens,
-                                  train=False, step=step)
+                                  train=False, step=step, **model_inputs)
   at_last = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
   return jnp.argmax(at_last, axis=-1).astype(jnp.int32)          # [B]
 

@@ -52,8 +52,11 @@ def token_cross_entropy(logits: jax.Array, targets: jax.Array,
     return jnp.mean(logz - target_logit), jnp.mean(correct)
   weights = weights.astype(jnp.float32)
   total = jnp.maximum(jnp.sum(weights), 1e-9)
-  return (jnp.sum((logz - target_logit) * weights) / total,
-          jnp.sum(correct * weights) / total)
+  # Positions of weight 0 are selected out, not multiplied by 0: a target
+  # there may be any id (a VLM's image placeholder lies past the vocabulary,
+  # where take_along_axis gives NaN, and NaN * 0 is NaN).
+  nll = jnp.where(weights > 0, logz - target_logit, 0.0)
+  return (jnp.sum(nll * weights) / total, jnp.sum(correct * weights) / total)
 
 
 def apply_model(model, params, router_state, inputs: jax.Array, *,

@@ -38,6 +38,8 @@ minutes on the built-in shapes set with tiny random HF models).
 
 from __future__ import annotations
 
+import math
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -191,8 +193,12 @@ def experiment(router: str, stage: str, arg: str | None) -> ConfigDict:
   train = lm.train
   train.learning_rate = recipe['learning_rate']
   train.steps = recipe['steps']
-  # Cosine to 0 after a 3% warmup, no weight decay, clip 1 (LLaVA / HF).
-  train.warmup_steps = max(1, round(0.03 * recipe['steps']))
+  # HF's get_cosine_schedule_with_warmup, as LLaVA trains: linear warmup over
+  # ceil(3% of the steps) (TrainingArguments' warmup_ratio), then a cosine
+  # over the remaining steps down to 0, no weight decay, clip 1. (The LM
+  # recipe's period is all the steps, LibMoE's LM quirk, §6.2.)
+  train.warmup_steps = max(1, math.ceil(0.03 * recipe['steps']))
+  train.cosine_steps = train.get_ref('steps') - train.get_ref('warmup_steps')
   train.min_lr_ratio = 0.0
   train.weight_decay = 0.0
   train.grad_clip = 1.0
@@ -244,6 +250,14 @@ def experiment(router: str, stage: str, arg: str | None) -> ConfigDict:
   moe.balance_count_mode = 'top1'
   moe.balance_group = 'sequence'
   moe.router_options.init_std = 0.02
+  if router == 'xmoe':
+    # The VLM draws XMoE's expert embeddings from N(0, 0.02²), the LM an
+    # orthogonal matrix (algorithms.md §3.3).
+    moe.router_options.xmoe_embed_init = 'normal'
+  if router == 'deepseek_v3':
+    # LibMoE's VLM smoe_sharev3 has no bias-based balancing (§3.8); its
+    # balance loss sees the normalised σ, not softmax (defect D5b fixed).
+    moe.router_options.bias_update_rate = 0.0
   config.moe = moe
   config.loss = lm.loss
   config.loss.layer_reduction = 'mean'

@@ -234,9 +234,8 @@ def _write_layers(directory: str, step: int,
   return {'rows': rows, 'layers': len(per_layer), 'path': final}
 
 
-def _dump(path: str, value) -> None:
-  with open(path, 'w', encoding='utf-8') as f:
-    json.dump(value, f, indent=1)
+# One JSON writer for the data and trace files.
+_dump = tiny_vlm.dump_json
 
 
 def trace_images(model, variables: Mapping[str, Any],

@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import flax.linen as nn
 import jax
@@ -92,7 +92,16 @@ def check_keys(checkpoint: safetensors_io.ShardedCheckpoint,
                      (f'\n  ... and {more} more' if more else ''))
 
 
-def _set(tree: dict, path: tuple[str, ...], value) -> None:
+def get_path(tree: Mapping, path: tuple[str, ...]):
+  """tree[path[0]][path[1]]...: the subtree or leaf at a parameter path."""
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def set_path(tree: dict, path: tuple[str, ...], value) -> None:
+  """Sets tree[path[0]]...[path[-1]] = value in place, creating dicts on
+  the way."""
   for key in path[:-1]:
     tree = tree.setdefault(key, {})
   tree[path[-1]] = value
@@ -111,7 +120,7 @@ def read_params(checkpoint: safetensors_io.ShardedCheckpoint,
       if key != last_key:
         last_key, last_array = key, checkpoint.get(key)
       arrays.append(last_array.astype(np.float32))
-    _set(params, item.path, jnp.asarray(item.to_jax(*arrays)))
+    set_path(params, item.path, jnp.asarray(item.to_jax(*arrays)))
   return params
 
 

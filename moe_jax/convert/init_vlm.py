@@ -9,7 +9,8 @@ A stage (moe_jax/vlm_experiment.py) starts from
     image processor; its newest checkpoint gives the weights; or
   - `config.init.llm_hf_path` (a dense LLM: Phi-3 / Llama family, read by
     convert/families.py) and `config.init.vision_hf_path` (SigLIP / CLIP,
-    convert/vision_families.py), with a random projector.
+    convert/vision_families.py), with a fresh projector (torch.nn.Linear's
+    default init, as LLaVA draws its mm_projector).
 When the stage's tower or projector is MoE and the starting weights are
 dense, they are upcycled (convert/upcycle_vlm.py, algorithms.md §10.1):
 every expert a copy of the dense MLP, routers N(0, 0.02²) from LibMoE's
@@ -26,6 +27,7 @@ directories, so a resumed run and the next stage find them.
 from __future__ import annotations
 
 import os
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -41,6 +43,7 @@ from moe_jax.convert import upcycle_vlm
 from moe_jax.convert import vision_families
 from moe_jax.data import tiny_vlm
 from moe_jax.data import tokenizer as tokenizer_lib
+from moe_jax.models import llava as llava_lib
 from moe_jax.models import vision
 
 ConfigDict = ml_collections.ConfigDict
@@ -86,7 +89,7 @@ def _hf_dir(config: ConfigDict, field: str, workdir: str) -> str:
 def _image_token_id(tokenizer_dir: str) -> int:
   """'<image>''s id, or the vocabulary size (never embedded) without one."""
   tokenizer = tokenizer_lib.HFTokenizer(tokenizer_dir)
-  index = tokenizer._tk.token_to_id(IMAGE_TOKEN)  # pylint: disable=protected-access
+  index = tokenizer.token_to_id(IMAGE_TOKEN)
   return tokenizer.vocab_size if index is None else int(index)
 
 
@@ -161,16 +164,44 @@ def _previous_variables(config: ConfigDict) -> tuple[dict, dict, ConfigDict]:
           jax.tree.map(np.asarray, dict(run.router_state or {})), saved)
 
 
+def fresh_projector(model, seed: int) -> dict:
+  """A new dense mlp2x_gelu projector's parameters, as LLaVA draws them.
+
+  LLaVA builds `mm_projector` from plain torch.nn.Linear layers after the
+  LLM is loaded, so it keeps torch's default init: every weight and bias
+  ~ U(±1/√fan_in) (kaiming_uniform with a=√5), fan_in = D_in for the first
+  layer and W for the second.
+
+  Args:
+    model: the stage's Llava (its projector_in D_in and projector_width W).
+    seed: the draw's seed (config.train.seed).
+  Returns:
+    The projector's parameter tree, leaves w_in [D_in, W], b_in [W],
+    w_out [W, W], b_out [W].
+  """
+  d_in, width = model.projector_in, model.projector_width
+  projector = llava_lib.Projector(d_in, width)
+  shapes = jax.eval_shape(lambda: nn.unbox(projector.init(
+      jax.random.key(0), jnp.zeros((1, 1, d_in), jnp.float32))))['params']
+  fan_in = {'w_in': d_in, 'b_in': d_in, 'w_out': width, 'b_out': width}
+  keys = dict(zip(sorted(fan_in), jax.random.split(jax.random.key(seed), 4)))
+
+  def draw(path, leaf):
+    name = path[-1].key
+    bound = 1.0 / np.sqrt(fan_in[name])
+    return np.asarray(jax.random.uniform(keys[name], leaf.shape, jnp.float32,
+                                         -bound, bound))
+
+  return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
 def _hf_variables(config: ConfigDict, model) -> dict:
-  """LLM and tower from their HF directories, a fresh random projector."""
+  """LLM and tower from their HF directories, a fresh projector."""
   _, llm, _ = hf_import.import_hf(config.init.llm_hf_path, progress=False)
   _, tower = vision_families.import_tower(config.init.vision_hf_path)
-  dense = model.clone(tower_ffn='dense', projector_ffn='dense')
-  fresh = jax.jit(lambda k: nn.unbox(dense.init(
-      {'params': k, 'router': k}, **dense.example_inputs(2),
-      train=False)))(jax.random.key(config.train.seed))
-  projector = fresh['params']['projector']
-  return {'vision': tower, 'projector': projector, 'llm': llm}
+  return {'vision': tower, 'projector': fresh_projector(model,
+                                                        config.train.seed),
+          'llm': llm}
 
 
 def _dense_sites(params: dict) -> tuple[str, ...]:
@@ -203,7 +234,8 @@ def initial_variables(config: ConfigDict, model) -> tuple[dict, dict]:
     params, router_state = upcycle_vlm.upcycle_llava(
         model, params, sites=to_upcycle, noise=config.init.upcycle.noise,
         seed=config.init.upcycle.seed,
-        router_seed=config.init.upcycle.router_seed)
+        router_seed=config.init.upcycle.router_seed,
+        router_state=router_state)
   return (jax.tree.map(jnp.asarray, params),
           jax.tree.map(jnp.asarray, router_state))
 
@@ -214,7 +246,7 @@ def describe(config: ConfigDict) -> str:
     start = f'the newest checkpoint of {config.init.previous_stage}'
   else:
     start = (f'{config.init.llm_hf_path} + {config.init.vision_hf_path} '
-             '(random projector)')
+             '(random projector: torch Linear init)')
   moe = [s for s, kind in (('tower', config.vlm.tower_ffn),
                            ('projector', config.vlm.projector_ffn))
          if kind == 'moe']

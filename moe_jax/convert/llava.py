@@ -165,7 +165,7 @@ def import_llava(hf_dir: str, *, progress: bool = False
   d_in, width = kwargs['tower']['d_model'], kwargs['projector_width']
   bias = bool(getattr(config, 'multimodal_projector_bias', True))
   projector_table = _projector_table(projector_prefix, d_in, width, bias)
-  vision_prefix = vision_families.detect_prefix(keys)
+  vision_prefix = vision_families.detect_prefix(keys, hf_dir)
   tied = kwargs['llm']['tie_embeddings']
   hf_import.check_keys(
       checkpoint, llm_table + projector_table, tied=tied,

@@ -244,19 +244,8 @@ def llava_tensors(llava_kwargs: Mapping[str, Any], params: Mapping,
   """Yields (HF key, torch-layout float32 array): tower, projector, LLM."""
   tower = {k: v for k, v in llava_kwargs['tower'].items()
            if k not in ('feature_layer', 'feature_select')}
-  vision_families.check_params(tower, params['vision'])
-  for item in vision_families.key_table(tower, VISION_PREFIX):
-    value = params['vision']
-    for name in item.path:
-      value = value[name]
-    value = np.asarray(value, np.float32)
-    if item.path[-2:] == ('patch', 'kernel'):
-      value = value.transpose(3, 2, 0, 1)               # [D_v, C, P, P]
-    elif value.ndim == 2 and item.path[-1] != 'position':
-      value = value.T                                   # torch (out, in)
-    require(tuple(value.shape) == tuple(item.shapes[0]), item.hf_keys[0],
-            f'shape {item.shapes[0]}', value.shape)
-    yield item.hf_keys[0], np.ascontiguousarray(value)
+  yield from vision_families.tower_tensors(tower, params['vision'],
+                                          VISION_PREFIX)
   ffn = params['projector']['ffn']['ffn']
   d_in = llava_kwargs['tower']['d_model']
   width = llava_kwargs['projector_width']
@@ -310,12 +299,6 @@ def _read_json(path: str) -> dict[str, Any]:
     return json.load(f)
 
 
-def _write_json(path: str, content: Mapping[str, Any]) -> None:
-  with open(path, 'w', encoding='utf-8') as f:
-    json.dump(content, f, indent=2, sort_keys=True)
-    f.write('\n')
-
-
 def chat_template(template: str, bos: str | None) -> str:
   """The Jinja chat template of a training template; `bos` in front."""
   require(template in CHAT_TEMPLATES, 'template',
@@ -350,7 +333,7 @@ def _write_processor_files(staging: str, llava_kwargs: Mapping[str, Any],
   image_processor = _read_json(path)
   shutil.copyfile(path, os.path.join(staging, 'preprocessor_config.json'))
   tower = llava_kwargs['tower']
-  _write_json(os.path.join(staging, 'processor_config.json'), {
+  processor = {
       'image_processor': image_processor,
       'image_token': IMAGE_TOKEN,
       # LlavaProcessor: N = (H / P)(W / P) + this, minus 1 for 'default'.
@@ -358,7 +341,9 @@ def _write_processor_files(staging: str, llava_kwargs: Mapping[str, Any],
       'patch_size': int(tower['patch_size']),
       'processor_class': 'LlavaProcessor',
       'vision_feature_select_strategy': feature_strategy(tower),
-  })
+  }
+  vision_families.write_json(os.path.join(staging, 'processor_config.json'),
+                             processor)
   bos, adds = _adds_bos(staging)
   text = chat_template(template, None if adds else bos)
   with open(os.path.join(staging, 'chat_template.jinja'), 'w',
@@ -368,7 +353,7 @@ def _write_processor_files(staging: str, llava_kwargs: Mapping[str, Any],
   config = _read_json(config_path) if os.path.isfile(config_path) else {}
   config['chat_template'] = text
   config['processor_class'] = 'LlavaProcessor'
-  _write_json(config_path, config)
+  vision_families.write_json(config_path, config)
 
 
 def export_llava(out_dir: str, llava_kwargs: Mapping[str, Any],
@@ -421,13 +406,14 @@ def export_llava(out_dir: str, llava_kwargs: Mapping[str, Any],
   try:
     config = hf_llava_config(llava_kwargs, text_target,
                              _base_config(tokenizer_dir))
-    _write_json(os.path.join(staging, 'config.json'), config)
+    vision_families.write_json(os.path.join(staging, 'config.json'), config)
     text = config['text_config']
     generation = {k: text[k] for k in ('bos_token_id', 'eos_token_id',
                                        'pad_token_id')
                   if text.get(k) is not None}
-    _write_json(os.path.join(staging, 'generation_config.json'),
-                {'_from_model_config': True, **generation})
+    vision_families.write_json(
+        os.path.join(staging, 'generation_config.json'),
+        {'_from_model_config': True, **generation})
     writer = safetensors_io.ShardedWriter(staging,
                                           max_shard_bytes=max_shard_bytes)
     with writer:

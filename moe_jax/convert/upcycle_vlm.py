@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moe_jax.convert import hf_import
 from moe_jax.convert import upcycle
 from moe_jax.moe import layer as layer_lib
 from moe_jax.moe import router as router_lib
@@ -72,18 +73,6 @@ def _targets(model, sites: Sequence[str], *, seed: int, router_seed: str
     kwargs = model.projector_moe_kwargs()
     out.append((('projector',), kwargs, draw(kwargs, num_layers + 1)[-1]))
   return out
-
-
-def _get(tree: Mapping, path: tuple[str, ...]):
-  for key in path:
-    tree = tree[key]
-  return tree
-
-
-def _set(tree: dict, path: tuple[str, ...], value) -> None:
-  for key in path[:-1]:
-    tree = tree.setdefault(key, {})
-  tree[path[-1]] = value
 
 
 def _fresh_params(kwargs: Mapping[str, Any], seed: int) -> dict:
@@ -141,7 +130,7 @@ def upcycle_llava(model, dense_params: Mapping, *,
   fresh_of: dict[int, dict] = {}
   for path, kwargs, (router_params, router_vars) in _targets(
       model, sites, seed=seed, router_seed=router_seed):
-    site = _get(params, path)
+    site = hf_import.get_path(params, path)
     where = '/'.join(path)
     require('ffn' in site, f'{where}/ffn', 'a dense MLP to upcycle',
             sorted(site))
@@ -171,6 +160,6 @@ def upcycle_llava(model, dense_params: Mapping, *,
     del site['ffn']
     site['moe'] = fresh
     if router_vars:
-      _set(state, path + ('moe', 'router', 'router'),
-           jax.tree.map(np.asarray, router_vars))
+      hf_import.set_path(state, path + ('moe', 'router', 'router'),
+                         jax.tree.map(np.asarray, router_vars))
   return jax.tree.map(jnp.asarray, params), jax.tree.map(jnp.asarray, state)

@@ -51,7 +51,7 @@ import json
 import os
 import secrets
 import shutil
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import flax.linen as nn
 import jax
@@ -150,14 +150,20 @@ def key_table(kwargs: Mapping[str, Any], prefix: str = EXPORT_PREFIX
   return out
 
 
-def detect_prefix(keys) -> str:
-  """The prefix of the one key ending in 'embeddings.patch_embedding.weight'."""
+def detect_prefix(keys, source: str) -> str:
+  """The prefix of the one key ending in 'embeddings.patch_embedding.weight'.
+
+  Args:
+    keys: the checkpoint's keys.
+    source: where they come from (the checkpoint directory), for the error.
+  """
   found = sorted(k[:-len(PATCH_SUFFIX)] for k in keys
                  if k.endswith(PATCH_SUFFIX))
   if len(found) != 1:
     raise ValueError(
-        f'cannot tell the vision tower\'s key prefix: {len(found)} keys end '
-        f'in {PATCH_SUFFIX!r} ({found[:4]}); pass prefix=')
+        f'{source}: cannot tell the vision tower\'s key prefix: '
+        f'{len(found)} keys end in {PATCH_SUFFIX!r} ({found[:4]}); pass '
+        'prefix=')
   return found[0]
 
 
@@ -230,7 +236,7 @@ def import_tower(hf_dir_or_checkpoint, prefix: str | None = None, *,
     vision_config = _vision_config(checkpoint.directory)
   kwargs = vision.tower_kwargs_from_hf(vision_config)
   if prefix is None:
-    prefix = detect_prefix(checkpoint.keys())
+    prefix = detect_prefix(checkpoint.keys(), checkpoint.directory)
   table = key_table(kwargs, prefix)
   hf_import.check_keys(checkpoint, table, tied=False, ignore=_ignore(prefix))
   params = hf_import.read_params(checkpoint, table, progress=False)
@@ -283,8 +289,14 @@ def preprocessor_config(kind: str, image_size: int) -> dict[str, Any]:
               size={'shortest_edge': image_size})
 
 
-def _write_json(path: str, content: dict) -> None:
-  """Writes JSON atomically (temporary name in the directory, rename)."""
+def write_json(path: str, content: Mapping[str, Any]) -> None:
+  """Writes JSON as transformers does (indented, sorted keys), atomically.
+
+  Not run_log.write_text_atomic: its mkstemp file is mode 0600, and an
+  exported checkpoint's files keep the umask's permissions, as
+  safetensors_io writes its shards (readable by an evaluation running as
+  another user).
+  """
   tmp = os.path.join(os.path.dirname(path),
                      f'.{os.path.basename(path)}.{secrets.token_hex(6)}.tmp')
   try:
@@ -298,10 +310,30 @@ def _write_json(path: str, content: dict) -> None:
     raise
 
 
-def _get(tree: Mapping, path: tuple[str, ...]):
-  for key in path:
-    tree = tree[key]
-  return tree
+def tower_tensors(kwargs: Mapping[str, Any], params: Mapping,
+                  prefix: str = EXPORT_PREFIX
+                  ) -> Iterator[tuple[str, np.ndarray]]:
+  """Yields (HF key, torch-layout float32 array) of a dense tower, one
+  tensor at a time (so an export streams them into its shards).
+
+  Args:
+    kwargs: dense VisionTower kwargs (no ffn / feature_* fields).
+    params: VisionTower(**kwargs) parameters (checked against it first).
+    prefix: the key prefix written (see the module docstring).
+
+  Raises:
+    ValueError: params do not match VisionTower(**kwargs) (named).
+  """
+  check_params(kwargs, params)
+  for item in key_table(kwargs, prefix):
+    value = np.asarray(hf_import.get_path(params, item.path), np.float32)
+    if item.path[-2:] == ('patch', 'kernel'):
+      value = value.transpose(3, 2, 0, 1)                    # [D, C, P, P]
+    elif value.ndim == 2 and item.path[-1] != 'position':
+      value = value.T                                        # torch (out, in)
+    require(tuple(value.shape) == tuple(item.shapes[0]), item.hf_keys[0],
+            f'shape {item.shapes[0]}', value.shape)
+    yield item.hf_keys[0], np.ascontiguousarray(value)
 
 
 def export_tower(out_dir: str, kwargs: Mapping[str, Any], params: Mapping, *,
@@ -321,24 +353,13 @@ def export_tower(out_dir: str, kwargs: Mapping[str, Any], params: Mapping, *,
           'True (HF SigLIP / CLIP towers have dense MLPs; export the MoE '
           'tower through its own format)', kwargs.get('dense_ffn'))
   dense = {k: v for k, v in kwargs.items() if k not in ('ffn', 'dense_ffn')}
-  check_params(dense, params)
-  table = key_table(dense, prefix)
-  tensors = {}
-  for item in table:
-    value = np.asarray(_get(params, item.path), np.float32)
-    if item.path[-2:] == ('patch', 'kernel'):
-      value = value.transpose(3, 2, 0, 1)                    # [D, C, P, P]
-    elif value.ndim == 2 and item.path[-1] != 'position':
-      value = value.T                                        # torch (out, in)
-    require(tuple(value.shape) == tuple(item.shapes[0]), item.hf_keys[0],
-            f'shape {item.shapes[0]}', value.shape)
-    tensors[item.hf_keys[0]] = np.ascontiguousarray(value)
+  tensors = dict(tower_tensors(dense, params, prefix))
   os.makedirs(out_dir, exist_ok=True)
   safetensors_io.write_safetensors(
       os.path.join(out_dir, safetensors_io.SINGLE_FILE), tensors)
-  _write_json(os.path.join(out_dir, 'config.json'), hf_vision_config(dense))
-  _write_json(os.path.join(out_dir, 'preprocessor_config.json'),
-              preprocessor_config(dense['kind'], dense['image_size']))
+  write_json(os.path.join(out_dir, 'config.json'), hf_vision_config(dense))
+  write_json(os.path.join(out_dir, 'preprocessor_config.json'),
+             preprocessor_config(dense['kind'], dense['image_size']))
   return out_dir
 
 

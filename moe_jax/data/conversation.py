@@ -42,15 +42,18 @@ encodings (LibMoE counts the instruction's tokens the same way, with
 templates' newlines and special tokens prevent in practice, gives the
 merged token to the later span.
 
-Dimension legend: S tokens of the encoded sample.
+Dimension legend: L tokens of the encoded sample (as in llava.py, where S
+is the sequence length).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
+
+from moe_jax.data import tokenizer as tokenizer_lib
 
 TEMPLATES = ('plain', 'phi35')
 IMAGE_TAG = '<image>'
@@ -64,17 +67,6 @@ PHI35_SPECIAL_TOKENS = ('<|system|>', '<|user|>', '<|assistant|>', '<|end|>')
 PLAIN_SEP = '\n'
 
 
-class Tokenizer(Protocol):
-  """What encoding needs (tokenizer.HFTokenizer fits).
-
-  Optional: `encode_batch(texts) -> list[list[int]]` (used when present)
-  and `bos_id` (int or None).
-  """
-
-  def encode(self, text: str) -> list[int]:
-    ...
-
-
 @dataclasses.dataclass(frozen=True)
 class Span:
   """A piece of the rendered prompt and whether the loss covers it."""
@@ -83,7 +75,8 @@ class Span:
   loss: bool
 
 
-def _check_template(template: str) -> None:
+def check_template(template: str) -> None:
+  """ValueError naming `template` unless it is one of TEMPLATES."""
   if template not in TEMPLATES:
     raise ValueError(f'template={template!r}: expected one of {TEMPLATES}.')
 
@@ -138,7 +131,7 @@ def render(turns: Sequence[Mapping[str, Any]], template: str, *,
     ValueError: bad roles, or a plain conversation that is not one image +
       one caption.
   """
-  _check_template(template)
+  check_template(template)
   pairs = _turns(turns, allow_open=open_assistant)
   if template == 'plain':
     if open_assistant:
@@ -165,14 +158,8 @@ def render(turns: Sequence[Mapping[str, Any]], template: str, *,
   return spans
 
 
-def _encode_many(tokenizer: Tokenizer, texts: list[str]) -> list[list[int]]:
-  encode_batch = getattr(tokenizer, 'encode_batch', None)
-  if encode_batch is not None and len(texts) > 1:
-    return [list(x) for x in encode_batch(texts)]
-  return [list(tokenizer.encode(t)) for t in texts]
-
-
-def _encode_chunk(tokenizer: Tokenizer, pieces: list[tuple[str, bool]]
+def _encode_chunk(tokenizer: tokenizer_lib.Tokenizer,
+                  pieces: list[tuple[str, bool]]
                   ) -> tuple[list[int], list[bool]]:
   """ids of ''.join(pieces) and each id's loss flag (see module doc)."""
   ends, flags, text = [], [], ''
@@ -187,7 +174,8 @@ def _encode_chunk(tokenizer: Tokenizer, pieces: list[tuple[str, bool]]
   if len(set(flags)) == 1:
     ids = list(tokenizer.encode(text))
     return ids, [flags[0]] * len(ids)
-  encodings = _encode_many(tokenizer, [text[:end] for end in ends])
+  encodings = tokenizer_lib.encode_many(tokenizer,
+                                        [text[:end] for end in ends])
   ids: list[int] = []
   owner: list[bool] = []
   for new, loss in zip(encodings, flags):
@@ -200,10 +188,10 @@ def _encode_chunk(tokenizer: Tokenizer, pieces: list[tuple[str, bool]]
   return ids, owner
 
 
-def encode_spans(spans: Sequence[Span], tokenizer: Tokenizer, *,
+def encode_spans(spans: Sequence[Span], tokenizer: tokenizer_lib.Tokenizer, *,
                  image_token_id: int, num_image_tokens: int,
                  add_bos: bool = True) -> tuple[np.ndarray, np.ndarray]:
-  """Rendered spans -> (ids [S] int32, loss_mask [S] float32).
+  """Rendered spans -> (ids [L] int32, loss_mask [L] float32).
 
   See the module docstring; `<image>` tags become `num_image_tokens` copies
   of `image_token_id` (loss 0).
@@ -242,7 +230,8 @@ def prompt_chunks(turns: Sequence[Mapping[str, Any]], template: str
   return ''.join(s.text for s in render(turns, template)).split(IMAGE_TAG)
 
 
-def encoded_length(chunk_lengths: Sequence[int], tokenizer: Tokenizer, *,
+def encoded_length(chunk_lengths: Sequence[int],
+                   tokenizer: tokenizer_lib.Tokenizer, *,
                    num_image_tokens: int, add_bos: bool = True) -> int:
   """len(encode_conversation(...)[0]) from the chunks' token counts."""
   bos = getattr(tokenizer, 'bos_id', None) if add_bos else None
@@ -256,11 +245,11 @@ def count_image_tags(turns: Sequence[Mapping[str, Any]]) -> int:
 
 
 def encode_conversation(turns: Sequence[Mapping[str, Any]],
-                        tokenizer: Tokenizer, template: str, *,
+                        tokenizer: tokenizer_lib.Tokenizer, template: str, *,
                         image_token_id: int, num_image_tokens: int,
                         add_bos: bool = True
                         ) -> tuple[np.ndarray, np.ndarray]:
-  """A conversation -> (ids [S] int32, loss_mask [S] float32).
+  """A conversation -> (ids [L] int32, loss_mask [L] float32).
 
   Args:
     turns: LLaVA `conversations`: [{'from': 'human'|'gpt', 'value': str}],
@@ -273,7 +262,7 @@ def encode_conversation(turns: Sequence[Mapping[str, Any]],
       tokenizer_image_token keeps the first chunk's bos, masked).
 
   Returns:
-    ids [S] int32 and loss_mask [S] float32, aligned: loss_mask[i] = 1 iff
+    ids [L] int32 and loss_mask [L] float32, aligned: loss_mask[i] = 1 iff
     ids[i] belongs to an assistant span (the pipeline shifts both by one to
     get targets).
 
@@ -285,9 +274,10 @@ def encode_conversation(turns: Sequence[Mapping[str, Any]],
                       num_image_tokens=num_image_tokens, add_bos=add_bos)
 
 
-def generation_prompt(question: str, tokenizer: Tokenizer, template: str, *,
-                      image_token_id: int, num_image_tokens: int,
-                      image: bool = True, add_bos: bool = True) -> np.ndarray:
+def generation_prompt(question: str, tokenizer: tokenizer_lib.Tokenizer,
+                      template: str, *, image_token_id: int,
+                      num_image_tokens: int, image: bool = True,
+                      add_bos: bool = True) -> np.ndarray:
   """Ids of an evaluation prompt: the user turn (+ image) and the assistant
   header, ready for generation or scoring of an answer.
 
@@ -303,9 +293,9 @@ def generation_prompt(question: str, tokenizer: Tokenizer, template: str, *,
     image: whether the prompt holds the image.
 
   Returns:
-    ids [S] int32.
+    ids [L] int32.
   """
-  _check_template(template)
+  check_template(template)
   text = question.replace(IMAGE_TAG, '').strip()
   if image:
     text = IMAGE_TAG + ('\n' + text if template == 'phi35' else text)

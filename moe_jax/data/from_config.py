@@ -21,7 +21,6 @@ prefixes router errors with 'moe.router_options.':
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import re
 from typing import Callable, Iterator, Mapping
@@ -54,12 +53,20 @@ _TOKENIZER_FIELDS = {
     'split_digits': 'config.data.split_digits',
     'separator': 'config.data.doc_separator',
 }
+# Arguments of llava.build_llava_pipeline and of
+# images.ImageSpec.from_preprocessor_config -> fields of the config.
 _LLAVA_FIELDS = {
+    'train_json': 'config.data.train_path',
+    'valid_json': 'config.data.eval_path',
+    # valid_samples = eval_batches * global_batch.
+    'valid_samples': 'config.train.eval_batches',
     'seq_len': 'config.data.seq_len',
     'too_long': 'config.data.too_long',
     'template': 'config.data.template',
     'global_batch_size': 'config.train.global_batch',
     'image_dir': 'config.data.image_dir',
+    'path_or_dict': 'config.data.image_processor',
+    'aspect': 'config.data.image_aspect',
 }
 _PIPELINE_FIELDS = {
     'seq_len': 'config.data.seq_len',
@@ -210,21 +217,8 @@ def build_data(config: ml_collections.ConfigDict,
       tokenizer = tokenizer_lib.train_or_reuse_tokenizer(
           workdir, source, vocab_size=data.vocab_size,
           split_digits=data.split_digits, separator=data.doc_separator)
-  hf = data.tokenizer_type == 'hf'
-  # HF checkpoints often pad the embedding past len(tokenizer) (Qwen2:
-  # 151936 rows for 151665 tokens): ids only need to fit the embedding.
-  fits = (tokenizer.vocab_size <= config.model.vocab_size if hf else
-          tokenizer.vocab_size == config.model.vocab_size)
-  if not fits:
-    # An HF tokenizer's added tokens are ids too: len(tokenizer) counts them.
-    what = 'tokens (len(tokenizer), added tokens included)' if hf else 'pieces'
-    fix = ('the model\'s embedding must have at least that many rows' if hf
-           else f'set --config.data.vocab_size={tokenizer.vocab_size} (the '
-           "model's vocabulary follows it)")
-    raise ValueError(
-        f'config.data.tokenizer: the tokenizer {tokenizer.path} has '
-        f'{tokenizer.vocab_size} {what} but config.model.vocab_size='
-        f'{config.model.vocab_size}; {fix}')
+  _check_vocab(tokenizer, config.model.vocab_size,
+               hf=data.tokenizer_type == 'hf')
 
   def pipeline_fields(message: str) -> dict[str, str]:
     # A bad record names its file: the validation files' field if it is one
@@ -245,20 +239,64 @@ def build_data(config: ml_collections.ConfigDict,
         cache_dir=data.cache_dir or os.path.join(workdir, 'cache'))
 
 
+def _check_vocab(tokenizer, model_vocab_size: int, *, hf: bool) -> None:
+  """ValueError naming config.data.tokenizer unless its ids fit the model.
+
+  Args:
+    tokenizer: the loaded tokenizer (`path`, `vocab_size`).
+    model_vocab_size: config.model.vocab_size, the embedding's rows.
+    hf: an HF tokenizer (ids only need to fit the embedding: HF checkpoints
+      often pad it past len(tokenizer), Qwen2 has 151936 rows for 151665
+      tokens), else a SentencePiece one (the model is sized for it: equal).
+  """
+  fits = (tokenizer.vocab_size <= model_vocab_size if hf else
+          tokenizer.vocab_size == model_vocab_size)
+  if fits:
+    return
+  # An HF tokenizer's added tokens are ids too: len(tokenizer) counts them.
+  what = 'tokens (len(tokenizer), added tokens included)' if hf else 'pieces'
+  fix = ("the model's embedding must have at least that many rows" if hf
+         else f'set --config.data.vocab_size={tokenizer.vocab_size} (the '
+         "model's vocabulary follows it)")
+  raise ValueError(
+      f'config.data.tokenizer: the tokenizer {tokenizer.path} has '
+      f'{tokenizer.vocab_size} {what} but config.model.vocab_size='
+      f'{model_vocab_size}; {fix}')
+
+
 def build_llava_data(config: ml_collections.ConfigDict):
   """The VLM pipeline (data.source='llava'): LLaVA-format conversations and
   their images (moe_jax/data/llava.py), with the LLM's tokenizer and the
   tower's image preprocessing, `<image>` expanded to the tower's feature
-  rows."""
+  rows.
+
+  Raises:
+    FileNotFoundError, ValueError: as build_data; messages start with the
+      config field to change (config.data.image_processor for anything
+      read from the preprocessor config).
+  """
   data = config.data
   with _fields(_TOKENIZER_FIELDS):
     tokenizer = tokenizer_lib.load_hf_tokenizer(data.tokenizer)
-  spec = images_lib.ImageSpec.from_preprocessor_config(data.image_processor)
-  if data.image_aspect not in images_lib.ASPECTS:
-    raise ValueError(f'config.data.image_aspect={data.image_aspect!r}: '
-                     f'expected one of {images_lib.ASPECTS}')
-  spec = dataclasses.replace(spec, aspect=data.image_aspect)
-  with _fields(_LLAVA_FIELDS):
+  _check_vocab(tokenizer, config.model.vocab_size, hf=True)
+  # A message that names no argument ('<file>: size=...') comes from the
+  # preprocessor config's contents.
+  with _fields({**_LLAVA_FIELDS, '': _LLAVA_FIELDS['path_or_dict']}):
+    spec = images_lib.ImageSpec.from_preprocessor_config(
+        data.image_processor, aspect=data.image_aspect)
+
+  def llava_fields(message: str) -> dict[str, str]:
+    # A message that starts with a file names a sample of a JSON file, or
+    # that sample's image.
+    if "): image '" in message:
+      own = _LLAVA_FIELDS['image_dir']
+    elif data.eval_path and message.startswith(os.fspath(data.eval_path)):
+      own = _LLAVA_FIELDS['valid_json']
+    else:
+      own = _LLAVA_FIELDS['train_json']
+    return {**_LLAVA_FIELDS, '': own}
+
+  with _fields(llava_fields):
     return llava_lib.build_llava_pipeline(
         data.train_path, data.image_dir, tokenizer, spec,
         template=data.template, seq_len=data.seq_len,

@@ -25,14 +25,18 @@ The 'pad' aspect is LLaVA's `image_aspect_ratio == 'pad'`
 onto a square of colour `tuple(int(x * 255) for x in image_mean)`, at
 ((side - w) // 2, (side - h) // 2), and the square goes through the processor.
 
-Image modes (load_image): LLaVA opens every image with `.convert('RGB')`.
-Modes whose RGB conversion is lossless in meaning are accepted:
-ACCEPTED_MODES = '1', 'L', 'LA', 'P', 'PA', 'RGB', 'RGBA', 'RGBX'. Alpha is
-dropped, as LLaVA does (HF's own convert_to_rgb would composite onto white
-instead; LLaVA hands the processor an image already converted). Others raise
-ValueError: 16-bit / float / 32-bit integer modes ('I;16', 'I', 'F') would be
-clipped to 8 bits, and 'CMYK' / 'YCbCr' / 'LAB' / 'HSV' converted without
-their colour profile.
+Image modes (load_image): LLaVA opens every image with `.convert('RGB')`,
+and so does load_image for ACCEPTED_MODES: the 8-bit modes '1', 'L', 'LA',
+'P', 'PA', 'RGB', 'RGBA', 'RGBX' and the colour spaces 'CMYK' (e.g. print
+JPEGs), 'YCbCr', 'LAB', 'HSV', converted with PIL's formulas (an embedded
+ICC profile is ignored by both, so the pixels are the ones LLaVA trains on).
+Alpha is dropped, as LLaVA does (HF's own convert_to_rgb would composite
+onto white instead; LLaVA hands the processor an image already converted).
+The high-bit-depth and float modes ('I', 'I;16', 'I;16B', ..., 'F') raise
+ValueError, a deliberate deviation: PIL clips them to 8 bits instead of
+rescaling, so LLaVA would silently train on a mostly white image.
+`check_image_file` reads only a file's header, so a pipeline can check every
+image's mode when it is built.
 
 Dimension legend: H, W output height / width (crop size, or the resized
 size without a crop); h, w the input image's.
@@ -50,7 +54,9 @@ from PIL import Image
 
 RESIZE_MODES = ('exact', 'shortest_edge')
 ASPECTS = ('resize', 'pad')
-ACCEPTED_MODES = ('1', 'L', 'LA', 'P', 'PA', 'RGB', 'RGBA', 'RGBX')
+# Modes whose .convert('RGB') keeps the picture (see the module docstring).
+ACCEPTED_MODES = ('1', 'L', 'LA', 'P', 'PA', 'RGB', 'RGBA', 'RGBX', 'CMYK',
+                  'YCbCr', 'LAB', 'HSV')
 PREPROCESSOR_CONFIG = 'preprocessor_config.json'
 # transformers' defaults (image_utils.py): IMAGENET_STANDARD (SigLIP) and
 # OPENAI_CLIP mean / std.
@@ -162,21 +168,29 @@ class ImageSpec:
         image_aspect_ratio).
 
     Raises:
-      FileNotFoundError: no such file; ValueError: fields this module does
-      not implement (do_resize False, longest_edge, ...), named.
+      FileNotFoundError: no such file; ValueError: an empty path, a file
+      that is not JSON, or fields this module does not implement (do_resize
+      False, longest_edge, ...), named.
     """
     if isinstance(path_or_dict, Mapping):
       config, where = dict(path_or_dict), 'preprocessor config'
     else:
       path = os.fspath(path_or_dict)
+      if not path:
+        raise ValueError(
+            "path_or_dict='': empty; expected an HF model directory with "
+            f'{PREPROCESSOR_CONFIG}, the file, or its parsed dict.')
       if os.path.isdir(path):
         path = os.path.join(path, PREPROCESSOR_CONFIG)
       if not os.path.isfile(path):
         raise FileNotFoundError(
             f'path_or_dict={os.fspath(path_or_dict)!r}: no {path} (expected '
             f'an HF model directory with {PREPROCESSOR_CONFIG}, or the file).')
-      with open(path, encoding='utf-8') as f:
-        config = json.load(f)
+      try:
+        with open(path, encoding='utf-8') as f:
+          config = json.load(f)
+      except ValueError as e:
+        raise ValueError(f'{path}: not valid JSON ({e}).') from e
       where = path
     kind = str(config.get('image_processor_type',
                           config.get('feature_extractor_type', '')))
@@ -263,6 +277,15 @@ def _center_crop(array: np.ndarray, crop: tuple[int, int]) -> np.ndarray:
   return out[top:top + ch, left:left + cw]
 
 
+def _check_mode(mode: str, what: str) -> None:
+  """ValueError naming the image and its mode unless ACCEPTED_MODES has it."""
+  if mode not in ACCEPTED_MODES:
+    raise ValueError(
+        f'{what}: unsupported image mode {mode!r}; expected one of '
+        f'{ACCEPTED_MODES} (PIL would clip a 16-bit, 32-bit integer or float '
+        'image to 8 bits: convert the file to 8-bit RGB first).')
+
+
 def to_rgb(image: Image.Image, *, what: str = 'image') -> Image.Image:
   """`image.convert('RGB')` for ACCEPTED_MODES; ValueError for others.
 
@@ -272,12 +295,7 @@ def to_rgb(image: Image.Image, *, what: str = 'image') -> Image.Image:
   """
   if image.mode == 'RGB':
     return image
-  if image.mode not in ACCEPTED_MODES:
-    raise ValueError(
-        f'{what}: unsupported image mode {image.mode!r}; expected one of '
-        f'{ACCEPTED_MODES} (16-bit, float and CMYK-like modes would be '
-        'clipped or converted without their profile: convert the file to '
-        '8-bit RGB first).')
+  _check_mode(image.mode, what)
   return image.convert('RGB')
 
 
@@ -308,14 +326,55 @@ def preprocess(image: Image.Image, spec: ImageSpec) -> np.ndarray:
   return (x - mean) / std                                      # [H, W, 3]
 
 
+def _open(path: str, what: str) -> Image.Image:
+  """Image.open with errors naming the image; reads the header only (PIL
+  decodes the pixels on `load()`)."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'{what}: no such file.')
+  try:
+    return Image.open(path)
+  except (OSError, Image.DecompressionBombError, SyntaxError) as e:
+    raise ValueError(f'{what}: cannot be read as an image ({e}).') from e
+
+
+def _describe(path: str, sample: Any, what: str | None) -> str:
+  return what or f'sample {sample!r}: image {path!r}'
+
+
+def check_image_file(path: str | os.PathLike, *, sample: Any = None,
+                     what: str | None = None) -> None:
+  """Checks that a file is an image in an accepted mode, from its header.
+
+  No pixels are decoded, so checking every image of a dataset costs about
+  one file open each; a file whose pixel data is corrupt still fails in
+  `load_image`.
+
+  Args:
+    path: the image file.
+    sample: the sample's id, named in errors.
+    what: how errors name the image instead (default "sample 'id': image
+      'path'").
+
+  Raises:
+    FileNotFoundError: no file at `path`.
+    ValueError: not an image, or a mode outside ACCEPTED_MODES.
+  """
+  path = os.fspath(path)
+  what = _describe(path, sample, what)
+  with _open(path, what) as image:
+    _check_mode(image.mode, what)
+
+
 def load_image(path: str | os.PathLike, spec: ImageSpec, *,
-               sample: Any = None) -> np.ndarray:
+               sample: Any = None, what: str | None = None) -> np.ndarray:
   """Opens an image file and preprocesses it.
 
   Args:
     path: the image file.
     spec: the ImageSpec.
     sample: the sample's id, named in errors.
+    what: how errors name the image instead (default "sample 'id': image
+      'path'").
 
   Returns:
     [H, W, 3] float32.
@@ -326,12 +385,10 @@ def load_image(path: str | os.PathLike, spec: ImageSpec, *,
       sample, the file and the mode).
   """
   path = os.fspath(path)
-  what = f'sample {sample!r}: image {path!r}'
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'{what}: no such file.')
-  try:
-    with Image.open(path) as image:
+  what = _describe(path, sample, what)
+  with _open(path, what) as image:
+    try:
       image.load()
-  except (OSError, Image.DecompressionBombError, SyntaxError) as e:
-    raise ValueError(f'{what}: cannot be read as an image ({e}).') from e
-  return preprocess(to_rgb(image, what=what), spec)
+    except (OSError, SyntaxError) as e:
+      raise ValueError(f'{what}: cannot be read as an image ({e}).') from e
+    return preprocess(to_rgb(image, what=what), spec)

@@ -3,6 +3,7 @@
   read_llava_json: [{id, image?, conversations: [{from, value}]}] checked
   every sample ─ encode_conversation (template) ─► lengths; over-long ones
     (> S+1 tokens after `<image>` expands) raise, or are skipped and counted
+  kept samples ─ image files' headers checked (exists, accepted mode)
   kept samples ─ length-grouped order (seed, epoch) ─ process slice ─
     batch
     ─► {'inputs' [B, S] int32, 'targets' [B, S] int32,
@@ -12,26 +13,34 @@
 A sample of L <= S+1 tokens is right-padded to S+1 with `pad_id`; inputs
 are tokens[:-1] and targets tokens[1:]; loss_mask[t] = 1 iff targets[t] is
 an assistant token (conversation.py), so padding, bos, image, system and
-user tokens carry no loss; attention_mask[t] = 1 iff inputs[t] is a real
-token (t < L). Text-only samples get zero images. Images are read and
-preprocessed (images.py) when a sample is read, in grain's reader threads.
+user tokens carry no loss, and their targets are set to 0 (a valid id even
+when the image id is outside the LLM's vocabulary); attention_mask[t] = 1
+iff inputs[t] is a real token (t < L). Text-only samples get zero images.
+Images are read and preprocessed (images.py) when a sample is read, in
+grain's reader threads.
 
 Length grouping is a simplified LLaVA `group_by_modality_length`
 (llava/train/llava_trainer.py `get_length_grouped_indices`): each epoch the
 samples are shuffled with (seed, epoch), cut into megabatches of
 `megabatch_factor` global batches, each sorted by length (longest first),
 cut into global batches, and the batches' order is shuffled with the same
-generator; the incomplete last global batch of an epoch is dropped. (LLaVA
-also keeps image and text-only samples in separate megabatches; not done
-here.) Samples are padded to S either way; grouping keeps LLaVA's sample
-order statistics and allows a later per-batch length cut.
+generator; the incomplete last global batch of an epoch is dropped. LLaVA's
+megabatch is world_size x per-device batch (x gradient accumulation), i.e.
+one global batch, the default megabatch_factor=1: grouping then never
+changes which samples share a step, only their row order within it (and so
+which process reads which sample). A factor > 1 makes steps of similar
+lengths, as HF's group_by_length does. (LLaVA also keeps image and text-only
+samples in separate megabatches and spreads each megabatch's lengths evenly
+over the ranks; neither is done here.) Samples are padded to S either way.
 
 Every step is a function of the batch index, so an iterator's state is one
 integer ({'next_index'}) and `set_state` resumes exactly, as in
 pipeline.py; process p of P reads rows [p*B, (p+1)*B) of every global batch
 (pipeline.ProcessSliceMapDataset).
 
-Errors name the file and the sample: '<file>: sample 'id': ...'.
+Errors name the file, the sample and its position in the file
+('<file>: sample 'id' (entry i): ...'): ids need not be unique (LLaVA-Instruct
+reuses the COCO image id of a picture across its conversations).
 
 Dimension legend: B batch (per process), G global batch, S sequence, L a
 sample's tokens, H, W image size, P processes.
@@ -39,6 +48,7 @@ sample's tokens, H, W image size, P processes.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import json
@@ -54,6 +64,7 @@ import numpy as np
 from moe_jax.data import conversation as conversation_lib
 from moe_jax.data import images as images_lib
 from moe_jax.data import pipeline as pipeline_lib
+from moe_jax.data import tokenizer as tokenizer_lib
 
 TOO_LONG = ('error', 'skip')
 # Over-long sample ids named in the skip log line and in summary().
@@ -62,15 +73,19 @@ _SHOW_IDS = 5
 
 @dataclasses.dataclass(frozen=True)
 class Sample:
-  """One LLaVA sample: its id, image file (relative) or None, and turns."""
+  """One LLaVA sample: its id, image file (relative) or None, turns, and
+  its entry's position in the JSON file (ids may repeat; positions do not).
+  """
 
   id: str
   image: str | None
   conversations: tuple[Mapping[str, str], ...]
+  index: int
 
 
-def _where(path: str, sample_id: Any) -> str:
-  return f'{path}: sample {sample_id!r}'
+def _where(path: str, sample_id: Any, index: int) -> str:
+  """How errors name a sample: "<file>: sample 'id' (entry i)"."""
+  return f'{path}: sample {sample_id!r} (entry {index})'
 
 
 def _check_sample(entry: Any, index: int, path: str) -> Sample:
@@ -81,7 +96,7 @@ def _check_sample(entry: Any, index: int, path: str) -> Sample:
   if 'id' not in entry:
     raise ValueError(f'{path}: entry {index}: missing field "id".')
   sid = entry['id']
-  where = _where(path, sid)
+  where = _where(path, sid, index)
   turns = entry.get('conversations')
   if turns is None:
     raise ValueError(f'{where}: missing field "conversations".')
@@ -125,7 +140,7 @@ def _check_sample(entry: Any, index: int, path: str) -> Sample:
                        'tag; it belongs in a human turn.')
   return Sample(str(sid), image,
                 tuple({'from': t['from'], 'value': t['value']}
-                      for t in turns))
+                      for t in turns), index)
 
 
 def read_llava_json(path: str | os.PathLike) -> list[Sample]:
@@ -136,7 +151,8 @@ def read_llava_json(path: str | os.PathLike) -> list[Sample]:
     ValueError: not JSON / not a list, or a bad sample: missing id /
       conversations / from / value, an unknown role, a list of images, more
       `<image>` tags than images, a tag without an image or an image without
-      a tag, duplicate ids. Messages name the file and the sample id.
+      a tag. Messages name the file, the sample id and its entry.
+      Ids may repeat (LLaVA-Instruct reuses COCO image ids), as in LLaVA.
   """
   path = os.fspath(path)
   if not os.path.isfile(path):
@@ -149,13 +165,7 @@ def read_llava_json(path: str | os.PathLike) -> list[Sample]:
   if not isinstance(entries, list):
     raise ValueError(f'{path}: expected a JSON list of samples, got a '
                      f'{type(entries).__name__}.')
-  samples = [_check_sample(e, i, path) for i, e in enumerate(entries)]
-  seen = set()
-  for s in samples:
-    if s.id in seen:
-      raise ValueError(f'{_where(path, s.id)}: duplicate id.')
-    seen.add(s.id)
-  return samples
+  return [_check_sample(e, i, path) for i, e in enumerate(entries)]
 
 
 # --------------------------------------------------------------------------
@@ -185,6 +195,17 @@ class LlavaSource:
   def __len__(self) -> int:
     return len(self.samples)
 
+  def subset(self, indices: Sequence[int]) -> 'LlavaSource':
+    """The same source over samples[indices] (e.g. the ones that fit)."""
+    out = copy.copy(self)
+    out.samples = [self.samples[i] for i in indices]
+    return out
+
+  def where(self, index: int) -> str:
+    """How errors name sample `index`: "<file>: sample 'id' (entry i)"."""
+    sample = self.samples[index]
+    return _where(self.path, sample.id, sample.index)
+
   def encode(self, index: int) -> tuple[np.ndarray, np.ndarray]:
     """(ids [L] int32, loss_mask [L] float32) of sample `index`."""
     sample = self.samples[index]
@@ -194,7 +215,7 @@ class LlavaSource:
           image_token_id=self.image_token_id,
           num_image_tokens=self.num_image_tokens, add_bos=self.add_bos)
     except ValueError as e:
-      raise ValueError(f'{_where(self.path, sample.id)}: {e}') from e
+      raise ValueError(f'{self.where(index)}: {e}') from e
 
   def image_path(self, index: int) -> str | None:
     image = self.samples[index].image
@@ -206,8 +227,8 @@ class LlavaSource:
     ids, mask = self.encode(index)
     length = len(ids)
     if length > self.seq_len + 1:
-      raise ValueError(f'{_where(self.path, self.samples[index].id)}: '
-                       f'{length} tokens > seq_len + 1 = {self.seq_len + 1}.')
+      raise ValueError(f'{self.where(index)}: {length} tokens > seq_len + 1 '
+                       f'= {self.seq_len + 1}.')
     tokens = np.full([self.seq_len + 1], self.pad_id, np.int32)   # [S+1]
     loss = np.zeros([self.seq_len + 1], np.float32)               # [S+1]
     tokens[:length], loss[:length] = ids, mask
@@ -215,12 +236,8 @@ class LlavaSource:
     if path is None:
       image = np.zeros(self.spec.output_shape, np.float32)        # [H, W, 3]
     else:
-      try:
-        image = images_lib.load_image(path, self.spec,
-                                      sample=self.samples[index].id)
-      except (FileNotFoundError, ValueError) as e:
-        # The same kind, with the JSON file in front.
-        raise type(e)(f'{self.path}: {e}') from e
+      image = images_lib.load_image(
+          path, self.spec, what=f'{self.where(index)}: image {path!r}')
     return {'tokens': tokens, 'loss_mask': loss,
             'length': np.int32(length), 'image': image}
 
@@ -235,14 +252,15 @@ class LlavaSource:
 
 def length_grouped_order(lengths: np.ndarray, *, global_batch: int,
                          seed: int, epoch: int,
-                         megabatch_factor: int = 8) -> np.ndarray:
+                         megabatch_factor: int = 1) -> np.ndarray:
   """One epoch's sample order [n // G * G] (see the module docstring).
 
   Args:
     lengths: [n] tokens of each sample.
     global_batch: G.
     seed, epoch: the generator is np.random.default_rng([seed, epoch]).
-    megabatch_factor: global batches per megabatch.
+    megabatch_factor: global batches per megabatch (1: LLaVA's, the batches
+      are those of a plain shuffle; > 1: batches of similar lengths).
   """
   n = len(lengths)
   rng = np.random.default_rng([seed, epoch])
@@ -299,13 +317,19 @@ class OrderedMapDataset(grain.MapDataset):
 
 
 def _to_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Padded samples [B, S+1] -> the model's shifted batch (module doc)."""
   tokens, loss = batch['tokens'], batch['loss_mask']           # [B, S+1]
   seq_len = tokens.shape[1] - 1
   positions = np.arange(seq_len)[None]                         # [1, S]
+  loss_mask = loss[:, 1:].astype(np.float32)                   # [B, S]
+  # Unlearned targets become 0: the image id may lie outside the LLM's
+  # vocabulary (init_vlm uses len(tokenizer) without an `<image>` token),
+  # where the cross-entropy's gather gives NaN, and NaN * 0 is NaN.
+  targets = np.where(loss_mask > 0, tokens[:, 1:], 0)          # [B, S]
   return {
       'inputs': tokens[:, :-1].astype(np.int32),               # [B, S]
-      'targets': tokens[:, 1:].astype(np.int32),               # [B, S]
-      'loss_mask': loss[:, 1:].astype(np.float32),             # [B, S]
+      'targets': targets.astype(np.int32),                     # [B, S]
+      'loss_mask': loss_mask,                                  # [B, S]
       'attention_mask': (positions < batch['length'][:, None]).astype(
           np.int32),                                           # [B, S]
       'images': batch['image'].astype(np.float32),             # [B, H, W, 3]
@@ -378,65 +402,137 @@ class LlavaPipeline:
     return out
 
 
-def _lengths(source: LlavaSource, *, too_long: str, split: str,
-             block: int = 1024
-             ) -> tuple[np.ndarray, list[int], list[str]]:
-  """(lengths [n], kept indices, skipped ids) of a source's samples.
+def _measure(source: LlavaSource, block: int = 1024) -> np.ndarray:
+  """[n] int64 tokens of each of a source's samples.
 
   Lengths come from the rendered prompts' chunks, encoded in blocks of
-  `block` samples with the tokenizer's encode_batch (parallel for
-  HFTokenizer); equal to len(source.encode(i)[0]).
+  `block` samples with tokenizer.encode_many (parallel for HFTokenizer);
+  equal to len(source.encode(i)[0]), without the loss-mask prefixes.
   """
-  start = time.perf_counter()
   n = len(source)
   lengths = np.zeros([n], np.int64)
-  encode_batch = getattr(source.tokenizer, 'encode_batch', None)
   for first in range(0, n, block):
     chunks, owners = [], []
     for i in range(first, min(first + block, n)):
-      sample = source.samples[i]
       try:
-        pieces = conversation_lib.prompt_chunks(sample.conversations,
-                                                source.template)
+        pieces = conversation_lib.prompt_chunks(
+            source.samples[i].conversations, source.template)
       except ValueError as e:
-        raise ValueError(f'{_where(source.path, sample.id)}: {e}') from e
+        raise ValueError(f'{source.where(i)}: {e}') from e
       chunks += pieces
       owners += [i] * len(pieces)
-    ids = (encode_batch(chunks) if encode_batch is not None else
-           [source.tokenizer.encode(c) for c in chunks])
     counts: dict[int, list[int]] = {}
-    for i, x in zip(owners, ids):
-      counts.setdefault(i, []).append(len(x))
+    for i, ids in zip(owners,
+                      tokenizer_lib.encode_many(source.tokenizer, chunks)):
+      counts.setdefault(i, []).append(len(ids))
     for i, c in counts.items():
       lengths[i] = conversation_lib.encoded_length(
           c, source.tokenizer, num_image_tokens=source.num_image_tokens,
           add_bos=source.add_bos)
+  return lengths
+
+
+def _fitting(source: LlavaSource, lengths: np.ndarray, *, too_long: str,
+             split: str) -> tuple[list[int], list[str]]:
+  """(indices of the samples that fit S+1 tokens, ids of the others).
+
+  Raises:
+    ValueError: too_long='error' and a sample does not fit (the first is
+      named, with the count).
+  """
   limit = source.seq_len + 1
+  n = len(source)
   kept = [i for i in range(n) if lengths[i] <= limit]
   skipped = [source.samples[i].id for i in range(n) if lengths[i] > limit]
   if skipped and too_long == 'error':
     i = int(np.argmax(lengths > limit))
     raise ValueError(
-        f'{_where(source.path, source.samples[i].id)}: {lengths[i]} tokens '
-        f'(an <image> counts {source.num_image_tokens}), more than seq_len '
-        f'+ 1 = {limit}. Raise `seq_len`, or set `too_long`=\'skip\' to '
-        f'drop such samples (counted and logged; {len(skipped)} of {n} '
-        f'samples of {source.path} are too long).')
+        f'{source.where(i)}: {lengths[i]} tokens (an <image> counts '
+        f'{source.num_image_tokens}), more than seq_len + 1 = {limit}. Raise '
+        f"`seq_len`, or set `too_long`='skip' to drop such samples (counted "
+        f'and logged; {len(skipped)} of {n} samples of {source.path} are too '
+        'long).')
   if skipped:
     logging.warning('%s (%s): skipped %d of %d samples longer than seq_len + '
                     '1 = %d tokens, e.g. ids %s', source.path, split,
                     len(skipped), n, limit, skipped[:_SHOW_IDS])
-  logging.info('%s: measured %d samples in %.1f s (%d kept)', source.path,
-               n, time.perf_counter() - start, len(kept))
-  return lengths, kept, skipped
+  return kept, skipped
 
 
 def _check_images(source: LlavaSource) -> None:
+  """Every image file exists, is an image and has an accepted mode.
+
+  Only the headers are read (PIL decodes pixels on load), about one file
+  open per image, so a bad file fails at build time naming its sample
+  rather than mid-run in a grain reader thread. A file shared by several
+  samples (LLaVA-Instruct's COCO images) is checked once.
+  """
+  start = time.perf_counter()
+  checked = set()
   for i in range(len(source)):
     path = source.image_path(i)
-    if path is not None and not os.path.isfile(path):
-      raise FileNotFoundError(f'{_where(source.path, source.samples[i].id)}: '
-                              f'image {path!r}: no such file.')
+    if path is None or path in checked:
+      continue
+    images_lib.check_image_file(path,
+                                what=f'{source.where(i)}: image {path!r}')
+    checked.add(path)
+  logging.info('%s: checked %d image files in %.1f s', source.path,
+               len(checked), time.perf_counter() - start)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Split:
+  """One JSON file's samples, measured, with the over-long ones removed."""
+
+  source: LlavaSource     # the samples that fit S+1 tokens
+  lengths: np.ndarray     # [n] int64 tokens of each of them
+  skipped: list[str]      # ids of the over-long samples (too_long='skip')
+
+
+def _read_split(json_path: str | os.PathLike, split: str, *, too_long: str,
+                check_images: bool, **source_kw) -> _Split:
+  """read_llava_json -> lengths -> the samples that fit (-> image check)."""
+  start = time.perf_counter()
+  path = os.fspath(json_path)
+  source = LlavaSource(read_llava_json(path), path=path, **source_kw)
+  lengths = _measure(source)
+  kept, skipped = _fitting(source, lengths, too_long=too_long, split=split)
+  logging.info('%s: measured %d samples in %.1f s (%d kept)', path,
+               len(source), time.perf_counter() - start, len(kept))
+  source = source.subset(kept)
+  if check_images:
+    _check_images(source)
+  return _Split(source, lengths[kept], skipped)
+
+
+def _batches(source: LlavaSource, order_fn, per_epoch: int,
+             num_epochs: int | None, *, global_batch_size: int,
+             process_index: int, process_count: int) -> grain.MapDataset:
+  """Samples in order_fn(epoch) order -> this process's rows of each global
+  batch -> model batches (_to_batch) of B = G / P rows."""
+  data = OrderedMapDataset(grain.MapDataset.source(source), order_fn,
+                           per_epoch, num_epochs)
+  data = pipeline_lib.ProcessSliceMapDataset(
+      data, global_batch_size, process_index, process_count)
+  local = global_batch_size // process_count
+  return data.batch(local, drop_remainder=True).map(_to_batch)
+
+
+def _check_settings(*, template: str, too_long: str, seq_len: int,
+                    global_batch_size: int, megabatch_factor: int,
+                    process_count: int) -> None:
+  """ValueError naming the first bad argument, before any file is read."""
+  conversation_lib.check_template(template)
+  if too_long not in TOO_LONG:
+    raise ValueError(f'too_long={too_long!r}: expected one of {TOO_LONG}.')
+  if seq_len < 1:
+    raise ValueError(f'seq_len={seq_len}: expected >= 1.')
+  if global_batch_size < 1 or global_batch_size % process_count:
+    raise ValueError(
+        f'global_batch_size={global_batch_size}: expected a positive multiple '
+        f'of the process count {process_count}.')
+  if megabatch_factor < 1:
+    raise ValueError(f'megabatch_factor={megabatch_factor}: expected >= 1.')
 
 
 def build_llava_pipeline(
@@ -454,7 +550,7 @@ def build_llava_pipeline(
     valid_json: str | os.PathLike | None = None,
     valid_samples: int = 0,
     too_long: str = 'error',
-    megabatch_factor: int = 8,
+    megabatch_factor: int = 1,
     add_bos: bool = True,
     pad_id: int = 0,
     check_images: bool = True,
@@ -480,11 +576,13 @@ def build_llava_pipeline(
     valid_samples: validation samples used (0: all complete global batches).
     too_long: 'error' (ValueError naming the sample) | 'skip' (counted in
       summary() and logged with the first ids).
-    megabatch_factor: global batches per length-sorted megabatch.
+    megabatch_factor: global batches per length-sorted megabatch (1:
+      LLaVA's; see the module docstring).
     add_bos: start each sample with the tokenizer's bos (LLaVA).
     pad_id: id of the right padding (no loss, attention_mask 0).
-    check_images: stat every image file up front (a missing one fails at
-      build time instead of mid-run).
+    check_images: read every image file's header up front (a missing,
+      unreadable or unsupported-mode one fails at build time instead of
+      mid-run).
     num_epochs: passes over the training samples (None: forever).
     process_index, process_count: default jax.process_index()/count().
     num_threads, prefetch: grain reader threads and read-ahead batches.
@@ -494,86 +592,65 @@ def build_llava_pipeline(
 
   Raises:
     FileNotFoundError: a JSON or (check_images) image file is missing.
-    ValueError: bad samples or settings; messages name the file and sample.
+    ValueError: bad samples, images or settings; messages name the file and
+      sample.
   """
   process_index, process_count = pipeline_lib.resolve_process(process_index,
                                                               process_count)
-  conversation_lib._check_template(template)  # pylint: disable=protected-access
-  if too_long not in TOO_LONG:
-    raise ValueError(f'too_long={too_long!r}: expected one of {TOO_LONG}.')
-  if seq_len < 1:
-    raise ValueError(f'seq_len={seq_len}: expected >= 1.')
-  if global_batch_size < 1 or global_batch_size % process_count:
+  _check_settings(template=template, too_long=too_long, seq_len=seq_len,
+                  global_batch_size=global_batch_size,
+                  megabatch_factor=megabatch_factor,
+                  process_count=process_count)
+  read = functools.partial(
+      _read_split, too_long=too_long, check_images=check_images,
+      image_dir=image_dir, tokenizer=tokenizer, spec=spec, template=template,
+      seq_len=seq_len, image_token_id=image_token_id,
+      num_image_tokens=num_image_tokens, add_bos=add_bos, pad_id=pad_id)
+  batches = functools.partial(_batches, global_batch_size=global_batch_size,
+                              process_index=process_index,
+                              process_count=process_count)
+
+  train = read(train_json, 'train')
+  if len(train.source) < global_batch_size:
     raise ValueError(
-        f'global_batch_size={global_batch_size}: expected a positive multiple '
-        f'of the process count {process_count}.')
-  if megabatch_factor < 1:
-    raise ValueError(f'megabatch_factor={megabatch_factor}: expected >= 1.')
-  common = dict(image_dir=image_dir, tokenizer=tokenizer, spec=spec,
-                template=template, seq_len=seq_len,
-                image_token_id=image_token_id,
-                num_image_tokens=num_image_tokens, add_bos=add_bos,
-                pad_id=pad_id)
-  local = global_batch_size // process_count
-  train_path = os.fspath(train_json)
-  source = LlavaSource(read_llava_json(train_path), path=train_path, **common)
-  lengths, kept, skipped = _lengths(source, too_long=too_long, split='train')
-  source = LlavaSource([source.samples[i] for i in kept], path=train_path,
-                       **common)
-  if check_images:
-    _check_images(source)
-  lengths = lengths[kept]
-  if len(source) < global_batch_size:
-    raise ValueError(
-        f'global_batch_size={global_batch_size}: more than the {len(source)} '
-        f'training samples of {train_path} ({len(skipped)} over-long ones '
-        'skipped). Add data or lower `global_batch_size`.')
-  per_epoch = len(source) // global_batch_size * global_batch_size
+        f'global_batch_size={global_batch_size}: more than the '
+        f'{len(train.source)} training samples of {train.source.path} '
+        f'({len(train.skipped)} over-long ones skipped). Add data or lower '
+        '`global_batch_size`.')
 
   def order(epoch: int) -> np.ndarray:
-    return length_grouped_order(lengths, global_batch=global_batch_size,
+    return length_grouped_order(train.lengths, global_batch=global_batch_size,
                                 seed=seed, epoch=epoch,
                                 megabatch_factor=megabatch_factor)
 
-  train = OrderedMapDataset(grain.MapDataset.source(source), order, per_epoch,
-                            num_epochs)
-  train = pipeline_lib.ProcessSliceMapDataset(
-      train, global_batch_size, process_index, process_count)
-  train = train.batch(local, drop_remainder=True).map(_to_batch)
+  per_epoch = len(train.source) // global_batch_size * global_batch_size
+  train_batches = batches(train.source, order, per_epoch, num_epochs)
+  num_skipped = {'train': len(train.skipped)}
+  skipped_ids = {'train': tuple(train.skipped[:_SHOW_IDS])}
 
-  num_skipped = {'train': len(skipped)}
-  skipped_ids = {'train': tuple(skipped[:_SHOW_IDS])}
-  valid, num_valid = None, 0
+  valid_batches, num_valid = None, 0
   if valid_json is not None:
-    valid_path = os.fspath(valid_json)
-    vsource = LlavaSource(read_llava_json(valid_path), path=valid_path,
-                          **common)
-    _, vkept, vskipped = _lengths(vsource, too_long=too_long, split='valid')
-    vsource = LlavaSource([vsource.samples[i] for i in vkept],
-                          path=valid_path, **common)
-    if check_images:
-      _check_images(vsource)
-    num_skipped['valid'] = len(vskipped)
-    skipped_ids['valid'] = tuple(vskipped[:_SHOW_IDS])
-    num_valid = min(valid_samples or len(vsource), len(vsource))
+    valid = read(valid_json, 'valid')
+    num_skipped['valid'] = len(valid.skipped)
+    skipped_ids['valid'] = tuple(valid.skipped[:_SHOW_IDS])
+    # File order, whole global batches only.
+    num_valid = min(valid_samples or len(valid.source), len(valid.source))
     num_valid = num_valid // global_batch_size * global_batch_size
     if not num_valid:
       raise ValueError(
-          f'valid_json={valid_path!r}: {len(vsource)} usable samples '
-          f'(valid_samples={valid_samples}) are fewer than one global batch '
-          f'(`global_batch_size`={global_batch_size}).')
-    valid = OrderedMapDataset(grain.MapDataset.source(vsource),
-                              lambda epoch: np.arange(num_valid), num_valid, 1)
-    valid = pipeline_lib.ProcessSliceMapDataset(
-        valid, global_batch_size, process_index, process_count)
-    valid = valid.batch(local, drop_remainder=True).map(_to_batch)
+          f'valid_json={valid.source.path!r}: {len(valid.source)} usable '
+          f'samples (valid_samples={valid_samples}) are fewer than one '
+          f'global batch (`global_batch_size`={global_batch_size}).')
+    valid_batches = batches(valid.source, lambda epoch: np.arange(num_valid),
+                            num_valid, 1)
 
   return LlavaPipeline(
-      train=train, valid=valid, seq_len=seq_len,
-      global_batch_size=global_batch_size, local_batch_size=local,
-      num_train_samples=len(source), num_valid_samples=num_valid,
+      train=train_batches, valid=valid_batches, seq_len=seq_len,
+      global_batch_size=global_batch_size,
+      local_batch_size=global_batch_size // process_count,
+      num_train_samples=len(train.source), num_valid_samples=num_valid,
       num_skipped=num_skipped, skipped_ids=skipped_ids,
       image_shape=spec.output_shape,
       vocab_size=getattr(tokenizer, 'vocab_size', None), template=template,
-      num_train_tokens=int(lengths.sum()), num_threads=num_threads,
+      num_train_tokens=int(train.lengths.sum()), num_threads=num_threads,
       prefetch=prefetch)

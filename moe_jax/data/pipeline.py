@@ -38,26 +38,14 @@ import os
 import shutil
 import tempfile
 import time
-from typing import Any, Iterable, Protocol, Sequence
+from typing import Any, Iterable, Sequence
 
 from absl import logging
 import grain
 import numpy as np
 
 from moe_jax.data import sources as sources_lib
-from moe_jax.data.tokenizer import DOC_SEPARATOR
-
-
-class Tokenizer(Protocol):
-  """What the pipeline needs from a tokenizer (both in tokenizer.py fit).
-
-  An optional `encode_batch(texts) -> list[list[int]]` is used when present.
-  """
-
-  vocab_size: int
-
-  def encode(self, text: str) -> list[int]:
-    ...
+from moe_jax.data import tokenizer as tokenizer_lib
 
 
 # --------------------------------------------------------------------------
@@ -91,13 +79,6 @@ def _token_dtype(tokenizer: Any) -> np.dtype:
                   else np.int32)
 
 
-def _encode_chunk(tokenizer: Any, texts: list[str]) -> list[list[int]]:
-  encode_batch = getattr(tokenizer, "encode_batch", None)
-  if encode_batch is not None:
-    return encode_batch(texts)
-  return [tokenizer.encode(t) for t in texts]
-
-
 def _iter_token_chunks(documents, tokenizer, separator, max_tokens,
                        chunk_docs):
   """Yields (tokens [n], doc_lengths [d], doc_domains [d]) chunks."""
@@ -105,7 +86,8 @@ def _iter_token_chunks(documents, tokenizer, separator, max_tokens,
   buffer: list[sources_lib.Document] = []
 
   def flush(docs):
-    ids = _encode_chunk(tokenizer, [d.text + separator for d in docs])
+    ids = tokenizer_lib.encode_many(
+        tokenizer, [d.text + separator for d in docs])
     lengths = np.array([len(x) for x in ids], dtype=np.int64)
     flat = np.fromiter((t for x in ids for t in x), dtype=np.int64,
                        count=int(lengths.sum()))
@@ -145,9 +127,9 @@ def _truncate(flat, lengths, domains, keep):
 
 def tokenize_documents(
     documents: Iterable[sources_lib.Document | str],
-    tokenizer: Tokenizer,
+    tokenizer: tokenizer_lib.Tokenizer,
     *,
-    separator: str = DOC_SEPARATOR,
+    separator: str = tokenizer_lib.DOC_SEPARATOR,
     max_tokens: int | None = None,
     num_domains: int = 0,
     chunk_docs: int = 256,
@@ -196,10 +178,10 @@ def _cache_key(source: sources_lib.Source, tokenizer: Any, separator: str,
 
 def load_or_tokenize(
     source: sources_lib.Source,
-    tokenizer: Tokenizer,
+    tokenizer: tokenizer_lib.Tokenizer,
     *,
     cache_dir: str | os.PathLike | None = None,
-    separator: str = DOC_SEPARATOR,
+    separator: str = tokenizer_lib.DOC_SEPARATOR,
     max_tokens: int | None = None,
 ) -> TokenStream:
   """`tokenize_documents(source)`, cached under `cache_dir` when given.
@@ -303,8 +285,9 @@ def _discard(final: str) -> None:
   shutil.rmtree(aside, ignore_errors=True)
 
 
-def _build_cache(source: sources_lib.Source, tokenizer: Tokenizer, final: str,
-                 *, separator: str, max_tokens: int | None) -> None:
+def _build_cache(source: sources_lib.Source,
+                 tokenizer: tokenizer_lib.Tokenizer, final: str, *,
+                 separator: str, max_tokens: int | None) -> None:
   """Tokenizes `source` into the cache directory `final`, atomically.
 
   Everything is written into a temporary directory next to `final`, which
@@ -605,14 +588,14 @@ class Pipeline:
 
 def build_pipeline(
     source: sources_lib.Source,
-    tokenizer: Tokenizer,
+    tokenizer: tokenizer_lib.Tokenizer,
     *,
     seq_len: int,
     global_batch_size: int,
     seed: int = 123,
     valid_source: sources_lib.Source | None = None,
     valid_windows: int = 0,
-    separator: str = DOC_SEPARATOR,
+    separator: str = tokenizer_lib.DOC_SEPARATOR,
     max_tokens: int | None = None,
     max_valid_tokens: int | None = None,
     cache_dir: str | os.PathLike | None = None,

@@ -33,6 +33,7 @@ import json
 import os
 import shutil
 import tempfile
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -128,9 +129,29 @@ def _write_split(root: str, split: str, n: int, image_size: int,
   return pretrain, sft, items
 
 
-def _dump(path: str, value) -> None:
+def dump_json(path: str, value: Any) -> None:
+  """Writes `value` as indented JSON (the set's files, trace metadata)."""
   with open(path, 'w', encoding='utf-8') as f:
     json.dump(value, f, indent=1)
+
+
+def _check_existing(root: str, meta: dict[str, Any]) -> ShapesDataset:
+  """The set in `root` if its meta.json holds `meta`, else ValueError."""
+  meta_path = os.path.join(root, META)
+  if not os.path.isfile(meta_path):
+    raise ValueError(f'out_dir={root!r}: exists but is not a shapes set '
+                     f'(no {META}); choose another directory.')
+  try:
+    with open(meta_path, encoding='utf-8') as f:
+      found = json.load(f)
+  except ValueError as e:
+    raise ValueError(f'out_dir={root!r}: {meta_path} is not valid JSON ({e}); '
+                     'delete the directory or choose another.') from e
+  if found != meta:
+    raise ValueError(f'out_dir={root!r}: holds a shapes set written with '
+                     f'{found}, not {meta}; delete it or choose another '
+                     'directory.')
+  return _paths(root)
 
 
 def write_shapes_dataset(out_dir: str | os.PathLike, *, num_train: int = 512,
@@ -159,18 +180,8 @@ def write_shapes_dataset(out_dir: str | os.PathLike, *, num_train: int = 512,
   root = os.path.abspath(os.fspath(out_dir))
   meta = {'kind': 'shapes', 'version': 1, 'num_train': num_train,
           'num_eval': num_eval, 'image_size': image_size, 'seed': seed}
-  meta_path = os.path.join(root, META)
   if os.path.exists(root):
-    if not os.path.isfile(meta_path):
-      raise ValueError(f'out_dir={root!r}: exists but is not a shapes set '
-                       f'(no {META}); choose another directory.')
-    with open(meta_path, encoding='utf-8') as f:
-      found = json.load(f)
-    if found != meta:
-      raise ValueError(f'out_dir={root!r}: holds a shapes set written with '
-                       f'{found}, not {meta}; delete it or choose another '
-                       'directory.')
-    return _paths(root)
+    return _check_existing(root, meta)
   parent = os.path.dirname(root)
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(dir=parent, prefix='.shapes-tmp-')
@@ -179,22 +190,24 @@ def write_shapes_dataset(out_dir: str | os.PathLike, *, num_train: int = 512,
     rng = np.random.default_rng(seed)
     train = _write_split(tmp, 'train', num_train, image_size, rng)
     valid = _write_split(tmp, 'eval', num_eval, image_size, rng)
-    _dump(os.path.join(tmp, 'pretrain.json'), train[0])
-    _dump(os.path.join(tmp, 'sft.json'), train[1])
-    _dump(os.path.join(tmp, 'pretrain_valid.json'), valid[0])
-    _dump(os.path.join(tmp, 'sft_valid.json'), valid[1])
+    dump_json(os.path.join(tmp, 'pretrain.json'), train[0])
+    dump_json(os.path.join(tmp, 'sft.json'), train[1])
+    dump_json(os.path.join(tmp, 'pretrain_valid.json'), valid[0])
+    dump_json(os.path.join(tmp, 'sft_valid.json'), valid[1])
     with open(os.path.join(tmp, 'eval.jsonl'), 'w', encoding='utf-8') as f:
       for item in valid[2]:
         f.write(json.dumps(item) + '\n')
-    _dump(os.path.join(tmp, META), meta)
+    dump_json(os.path.join(tmp, META), meta)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   try:
     os.replace(tmp, root)
   except OSError:
-    # Another process wrote the set first: use theirs.
+    # Another process renamed its set into place first: use theirs, if it
+    # was written with the same arguments.
     shutil.rmtree(tmp, ignore_errors=True)
-    if not os.path.isfile(meta_path):
+    if not os.path.isfile(os.path.join(root, META)):
       raise
+    return _check_existing(root, meta)
   return _paths(root)

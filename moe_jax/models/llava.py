@@ -22,8 +22,10 @@ Parameters:
       w_out [E, W, W], b_out}, shared/...}
   llm/...                         TransformerLM (models/decoder.py)
 
-The aux list is the tower's MoE auxes (per S² scale call, per layer), then
-the projector's, then the LLM's MoE layers' (when the LLM is MoE);
+The LLM is dense (llm['dense_ffn'] True; an MoE LLM is refused, as
+config_lib refuses model.dense_ffn=False for a VLM): the MoE sites are the
+tower and the projector, as in LibMoE's VLM. The aux list is the tower's
+MoE auxes (per S² scale call, per layer), then the projector's;
 `router_paths()` names the router behind each entry and `aux_groups()` the
 slices train.py reduces separately (LibMoE: mean over the tower's layers x
 scales, plus the projector's).
@@ -85,7 +87,7 @@ class Llava(nn.Module):
 
   # VisionTower kwargs without ffn / dense_ffn / dtype.
   tower: Mapping[str, Any]
-  # TransformerLM kwargs (with its `ffn` and `dense_ffn`), without dtype.
+  # TransformerLM kwargs (with its `ffn` and dense_ffn=True), without dtype.
   llm: Mapping[str, Any]
   # Hidden and output width W of the projector (= the LLM's d_model).
   projector_width: int
@@ -110,6 +112,9 @@ class Llava(nn.Module):
                                                   self.projector_ffn),
             'moe', "MoEBlock kwargs when tower_ffn or projector_ffn is 'moe'",
             self.moe)
+    require(bool(self.llm.get('dense_ffn')), 'llm.dense_ffn',
+            "True (the VLM's LLM is dense; MoE sites are the tower and the "
+            'projector: tower_ffn / projector_ffn)', self.llm.get('dense_ffn'))
     require(self.llm['d_model'] == self.projector_width, 'projector_width',
             f"the LLM's d_model={self.llm['d_model']}", self.projector_width)
     require(len(self.s2_scales) >= 1, 's2_scales', 'at least one scale',
@@ -152,19 +157,14 @@ class Llava(nn.Module):
                 for i in range(self.tower['num_layers'])]
     if self.projector_ffn == 'moe':
       paths.append(('projector',) + ROUTER)
-    if not self.llm.get('dense_ffn', False):
-      paths += [('llm', f'layer_{i}') + ROUTER
-                for i in range(self.llm['num_layers'])]
     return paths
 
   def aux_groups(self) -> tuple[tuple[int, int], ...]:
     """[start, stop) slices of the aux list reduced separately: the tower
-    (layers x scales), the projector, the LLM's MoE layers (non-empty
-    ones only)."""
+    (layers x scales), the projector (non-empty ones only)."""
     sizes = [len(self.s2_scales) * self.tower['num_layers']
              if self.tower_ffn == 'moe' else 0,
-             int(self.projector_ffn == 'moe'),
-             0 if self.llm.get('dense_ffn', False) else self.llm['num_layers']]
+             int(self.projector_ffn == 'moe')]
     groups, start = [], 0
     for size in sizes:
       if size:
@@ -208,12 +208,11 @@ class Llava(nn.Module):
     if images is not None:
       rows, auxes = self.image_rows(images, train=train, step=step)
       spliced = (tokens == self.image_token_id, rows)
-    logits, llm_auxes = decoder.TransformerLM(
+    # The dense LLM's per-layer auxes hold no routing: not in the list.
+    logits, _ = decoder.TransformerLM(
         **self.llm, dtype=self.dtype, name='llm')(
             tokens, train=train, step=step, attention_mask=attention_mask,
             spliced=spliced)
-    if not self.llm.get('dense_ffn', False):
-      auxes = auxes + list(llm_auxes)
     return logits, auxes
 
 
@@ -251,18 +250,6 @@ def from_config(config: ml_collections.ConfigDict) -> Llava:
 
 
 def uses_moe(config: ml_collections.ConfigDict) -> bool:
-  """Whether the config's model has MoE layers (routers, aux losses)."""
-  return ('moe' in (config.vlm.tower_ffn, config.vlm.projector_ffn) or
-          not config.model.dense_ffn)
-
-
-def router_paths(config: ml_collections.ConfigDict
-                 ) -> list[tuple[str, ...]]:
-  """Llava.router_paths of the config's model."""
-  return from_config(config).router_paths()
-
-
-def aux_groups(config: ml_collections.ConfigDict
-               ) -> tuple[tuple[int, int], ...]:
-  """Llava.aux_groups of the config's model."""
-  return from_config(config).aux_groups()
+  """Whether the config's model has MoE layers (routers, aux losses): the
+  tower's or the projector's (the LLM is dense, config_lib._validate_vlm)."""
+  return 'moe' in (config.vlm.tower_ffn, config.vlm.projector_ffn)

@@ -11,6 +11,7 @@ loading their directories back into transformers.
 
 import json
 import os
+import re
 import shutil
 
 import jax.numpy as jnp
@@ -121,7 +122,8 @@ def test_import_inside_llava(tmp_path):
   _randomise(llava).eval()
   llava.save_pretrained(tmp_path)
   with safetensors_io.ShardedCheckpoint(tmp_path) as checkpoint:
-    assert vf.detect_prefix(checkpoint.keys()) == 'vision_tower.'
+    assert vf.detect_prefix(checkpoint.keys(),
+                            str(tmp_path)) == 'vision_tower.'
     kwargs, params = vf.import_tower(checkpoint)
   kwargs2, params2 = vf.import_tower(str(tmp_path), prefix='vision_tower.')
   assert kwargs == kwargs2
@@ -206,6 +208,19 @@ def test_missing_and_misshaped_keys_are_named(hf_towers, tmp_path):
   with pytest.raises(ValueError, match=r'embeddings\.class_embedding in .*'
                      r'model\.safetensors has shape \(31,\), expected \(32,\)'):
     vf.import_tower(str(tmp_path / 'shape'))
+
+
+def test_unknown_prefix_names_the_checkpoint(hf_towers, tmp_path):
+  _, directory = hf_towers['siglip']
+  bad = tmp_path / 'no_patch'
+  _rewrite(directory, bad,
+           lambda t: t.pop('embeddings.patch_embedding.weight'))
+  with pytest.raises(ValueError, match=re.escape(str(bad)) +
+                     r": cannot tell the vision tower's key prefix: 0 keys"):
+    vf.import_tower(str(bad))
+  with pytest.raises(ValueError, match=r'^a\.ckpt: .* 2 keys end in'):
+    vf.detect_prefix(['a.embeddings.patch_embedding.weight',
+                      'b.embeddings.patch_embedding.weight'], 'a.ckpt')
 
 
 def test_export_refuses_moe_towers(hf_towers, tmp_path):

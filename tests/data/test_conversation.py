@@ -244,3 +244,7 @@ def test_bad_plain_and_template(word_tok):
         word_tok, 'plain', **kw)
   with pytest.raises(ValueError, match="template='vicuna'"):
     conversation.encode_conversation(SFT, word_tok, 'vicuna', **kw)
+  for template in conversation.TEMPLATES:
+    conversation.check_template(template)
+  with pytest.raises(ValueError, match=r"^template='': expected one of"):
+    conversation.check_template('')

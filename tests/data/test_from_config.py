@@ -10,7 +10,9 @@ import pytest
 from moe_jax import config_lib
 from moe_jax.data import from_config
 from moe_jax.data import sources as sources_lib
+from moe_jax.data import tiny_vlm
 from moe_jax.data import tokenizer as tokenizer_lib
+from tests.data import test_conversation as conv_cases
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[2] / "configs"
 VOCAB = 200
@@ -178,3 +180,99 @@ def test_config_error_keeps_the_kind():
   # Unknown backticked names are left as they are.
   error = from_config.config_error(ValueError("a `b` `seq_len`"), fields)
   assert str(error) == "config.data.train_path: a `b` config.data.seq_len"
+
+
+# --------------------------------------------------------------------------
+# config.data.source='llava': build_llava_data.
+
+
+@pytest.fixture
+def vlm_config(tmp_path):
+  """The tiny VLM SFT config, resolved by hand: the shapes set, a word
+  tokenizer (30 tokens) and a 16 x 16 SigLIP preprocessor config."""
+  shapes = tiny_vlm.write_shapes_dataset(tmp_path / "shapes", num_train=8,
+                                         num_eval=4, image_size=16)
+  processor = tmp_path / "siglip" / "preprocessor_config.json"
+  processor.parent.mkdir()
+  processor.write_text(json.dumps({
+      "image_processor_type": "SiglipImageProcessor",
+      "size": {"height": 16, "width": 16}}))
+  config = config_lib.load_config(f"{CONFIGS / 'vlm' / 'smoe_sft.py'}:tiny")
+  config.data.train_path = shapes.sft_json
+  config.data.eval_path = shapes.sft_valid_json
+  config.data.image_dir = shapes.image_dir
+  config.data.tokenizer = conv_cases.write_word_tokenizer(tmp_path / "tok")
+  config.data.image_processor = str(processor)
+  config.model.vocab_size = 32
+  config.vision.kind = "siglip"
+  config.vision.image_size, config.vision.patch_size = 16, 8
+  config.vlm.image_token_id = conv_cases.IMAGE_ID
+  config.train.global_batch = 4
+  config.train.eval_batches = 1
+  return config
+
+
+def test_llava_builds_a_pipeline(vlm_config, tmp_path):
+  pipe = from_config.build_data(vlm_config, str(tmp_path))
+  batch = next(pipe.train_iterator())
+  assert batch["images"].shape == (4, 16, 16, 3)
+  # (16 / 8)^2 = 4 image positions per sample.
+  assert (batch["inputs"] == vlm_config.vlm.image_token_id).sum() == 4 * 4
+  assert pipe.num_valid_batches == 1
+
+
+@pytest.mark.parametrize("value, kind, message", [
+    ("", ValueError, "path_or_dict='': empty"),
+    ("/nonexistent-xyz", FileNotFoundError, "path_or_dict='/nonexistent-xyz'"),
+])
+def test_llava_image_processor_errors_name_the_field(vlm_config, tmp_path,
+                                                     value, kind, message):
+  vlm_config.data.image_processor = value
+  with pytest.raises(kind, match=r"^config\.data\.image_processor: "
+                     + re.escape(message)):
+    from_config.build_data(vlm_config, str(tmp_path))
+
+
+def test_llava_image_settings_name_their_fields(vlm_config, tmp_path):
+  vlm_config.data.image_aspect = "crop"
+  with pytest.raises(ValueError,
+                     match=r"^config\.data\.image_aspect: aspect='crop'"):
+    from_config.build_data(vlm_config, str(tmp_path))
+  vlm_config.data.image_aspect = "pad"
+  path = pathlib.Path(vlm_config.data.image_processor)
+  path.write_text(json.dumps({"do_resize": False}))
+  with pytest.raises(ValueError, match=r"^config\.data\.image_processor: "
+                     f"{re.escape(str(path))}: do_resize=False"):
+    from_config.build_data(vlm_config, str(tmp_path))
+
+
+def test_llava_vocab_must_fit_the_embedding(vlm_config, tmp_path):
+  vlm_config.model.vocab_size = 29     # the tokenizer has 30 tokens
+  with pytest.raises(ValueError) as info:
+    from_config.build_data(vlm_config, str(tmp_path))
+  message = str(info.value)
+  assert message.startswith("config.data.tokenizer: the tokenizer ")
+  assert ("has 30 tokens (len(tokenizer), added tokens included) but "
+          "config.model.vocab_size=29") in message
+
+
+def test_llava_data_errors_name_their_fields(vlm_config, tmp_path):
+  vlm_config.train.global_batch = 16   # more than the 8 training samples
+  with pytest.raises(ValueError, match=r"^config\.train\.global_batch: "
+                     r"global_batch_size=16: more than the 8 training"):
+    from_config.build_data(vlm_config, str(tmp_path))
+  vlm_config.train.global_batch = 8    # more than the 4 validation samples
+  with pytest.raises(ValueError, match=r"^config\.data\.eval_path: "
+                     r"valid_json=.*: 4 usable samples \(valid_samples=8\)"):
+    from_config.build_data(vlm_config, str(tmp_path))
+  vlm_config.train.global_batch = 4
+  vlm_config.data.image_dir = str(tmp_path / "elsewhere")
+  with pytest.raises(FileNotFoundError, match=(
+      r"^config\.data\.image_dir: .*sft\.json: sample 'train-00000' "
+      r"\(entry 0\): image '.*elsewhere/images/train-00000\.png'")):
+    from_config.build_data(vlm_config, str(tmp_path))
+  missing = tmp_path / "missing.json"
+  vlm_config.data.train_path = str(missing)
+  with pytest.raises(FileNotFoundError, match=r"^config\.data\.train_path: "
+                     f"{re.escape(str(missing))}: no such LLaVA JSON file"):
+    from_config.build_data(vlm_config, str(tmp_path))

@@ -104,6 +104,15 @@ def test_ids_equal_transformers(hf_dir):
   assert tok.bos_id not in tok.encode(SAMPLES[0])
 
 
+def test_token_to_id(hf_dir):
+  tok = tokenizer_lib.HFTokenizer(hf_dir)
+  oracle = _oracle(hf_dir)
+  assert tok.token_to_id(ADDED_TOKEN) == oracle.convert_tokens_to_ids(
+      ADDED_TOKEN)
+  assert tok.token_to_id("</s>") == tok.eos_id
+  assert tok.token_to_id("<no such token>") is None
+
+
 def test_decode_round_trip(hf_dir):
   tok = tokenizer_lib.HFTokenizer(hf_dir)
   oracle = _oracle(hf_dir)

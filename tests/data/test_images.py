@@ -129,16 +129,34 @@ def test_accepted_modes_convert_as_llava(tmp_path, mode):
       images.load_image(path, spec, sample='s1'), expected)
 
 
-@pytest.mark.parametrize('mode, ext', [('I;16', 'png'), ('F', 'tiff'),
-                                       ('CMYK', 'jpg')])
+@pytest.mark.parametrize('mode, ext', [('CMYK', 'jpg'), ('CMYK', 'tiff'),
+                                       ('YCbCr', 'tiff'), ('LAB', 'tiff')])
+def test_colour_spaces_convert_as_llava(tmp_path, mode, ext):
+  rng = np.random.default_rng(3)
+  rgb = Image.fromarray(rng.integers(0, 256, (9, 13, 3), dtype=np.uint8))
+  path = _save(tmp_path, rgb.convert(mode), f'x_{mode}.{ext}')
+  spec = images.ImageSpec(size=8)
+  with Image.open(path) as reopened:
+    assert reopened.mode == mode
+    expected = images.preprocess(reopened.convert('RGB'), spec)
+  images.check_image_file(path, sample='s1')
+  np.testing.assert_array_equal(
+      images.load_image(path, spec, sample='s1'), expected)
+
+
+@pytest.mark.parametrize('mode, ext', [('I;16', 'png'), ('I', 'tiff'),
+                                       ('F', 'tiff')])
 def test_rejected_modes_name_sample_file_and_mode(tmp_path, mode, ext):
   image = Image.new(mode, (6, 5))
   path = _save(tmp_path, image, f'bad.{ext}')
-  with pytest.raises(ValueError) as e:
-    images.load_image(path, images.ImageSpec(size=8), sample='sample-42')
-  message = str(e.value)
-  assert "'sample-42'" in message and path in message
-  assert repr(mode) in message
+  for check in (lambda: images.check_image_file(path, sample='sample-42'),
+                lambda: images.load_image(path, images.ImageSpec(size=8),
+                                          sample='sample-42')):
+    with pytest.raises(ValueError) as e:
+      check()
+    message = str(e.value)
+    assert "'sample-42'" in message and path in message
+    assert repr(mode) in message
 
 
 def test_missing_and_unreadable_files(tmp_path):
@@ -150,6 +168,11 @@ def test_missing_and_unreadable_files(tmp_path):
   junk.write_text('not an image')
   with pytest.raises(ValueError, match="sample 'id8'.*junk.png.*cannot be"):
     images.load_image(str(junk), spec, sample='id8')
+  # The header check finds both.
+  with pytest.raises(FileNotFoundError, match="sample 'id7'.*nope.png"):
+    images.check_image_file(missing, sample='id7')
+  with pytest.raises(ValueError, match='my label: cannot be'):
+    images.check_image_file(str(junk), what='my label')
 
 
 def test_bad_specs():
@@ -163,3 +186,12 @@ def test_bad_specs():
     images.ImageSpec.from_preprocessor_config({'do_resize': False})
   with pytest.raises(FileNotFoundError, match='preprocessor_config.json'):
     images.ImageSpec.from_preprocessor_config('/nonexistent-dir-xyz')
+  with pytest.raises(ValueError, match="^path_or_dict='': empty"):
+    images.ImageSpec.from_preprocessor_config('')
+
+
+def test_unreadable_preprocessor_config_names_the_file(tmp_path):
+  path = tmp_path / 'preprocessor_config.json'
+  path.write_text('{"size": ')
+  with pytest.raises(ValueError, match=f'^{path}: not valid JSON'):
+    images.ImageSpec.from_preprocessor_config(tmp_path)

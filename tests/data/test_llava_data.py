@@ -77,7 +77,9 @@ def test_batch_fields_match_the_samples(shapes, tok):
       full_mask = np.zeros([65], np.float32)
       full_mask[:n] = mask
       np.testing.assert_array_equal(batch['inputs'][row], tokens[:-1])
-      np.testing.assert_array_equal(batch['targets'][row], tokens[1:])
+      # Targets without loss are 0.
+      np.testing.assert_array_equal(batch['targets'][row],
+                                    np.where(full_mask[1:] > 0, tokens[1:], 0))
       np.testing.assert_array_equal(batch['loss_mask'][row], full_mask[1:])
       np.testing.assert_array_equal(batch['attention_mask'][row],
                                     np.arange(64) < n)
@@ -134,6 +136,18 @@ def test_length_grouped_order_properties():
   grouped = lengths[:48][whole].reshape(12, 4)
   grouped = grouped[np.argsort(-grouped[:, 0], kind='stable')]
   assert (grouped[:-1, -1] >= grouped[1:, 0]).all()
+
+
+def test_default_grouping_keeps_the_plain_shuffle_batches():
+  """LLaVA's megabatch is one global batch: grouping changes no step's
+  samples, only their order within the step (longest first)."""
+  lengths = np.random.default_rng(0).integers(1, 100, size=50)
+  order = llava.length_grouped_order(lengths, global_batch=4, seed=3,
+                                     epoch=1)
+  perm = np.random.default_rng([3, 1]).permutation(50)[:48]
+  assert ({frozenset(b) for b in order.reshape(12, 4).tolist()} ==
+          {frozenset(b) for b in perm.reshape(12, 4).tolist()})
+  assert (np.diff(lengths[order].reshape(12, 4), axis=1) <= 0).all()
 
 
 def test_pipeline_batches_are_length_grouped(tmp_path, tok):
@@ -196,32 +210,85 @@ def test_missing_image_names_sample_and_path(tmp_path, tok):
     next(p.train_iterator())
 
 
-def test_bad_image_mode_names_sample_file_and_mode(tmp_path, tok):
+def test_bad_image_mode_fails_at_build_naming_sample_file_and_mode(
+    tmp_path, tok):
   Image.new('I;16', (8, 8)).save(tmp_path / 'deep.png')
   path = _one_sample_json(tmp_path, {'id': 'd1', 'image': 'deep.png',
                                      'conversations': CAPTION})
-  p = build(path, str(tmp_path), tok)
-  with pytest.raises(ValueError, match=r"sample 'd1.*deep.png.*'I;16'"):
+  with pytest.raises(ValueError, match=r"one.json: sample 'd1' \(entry 0\): "
+                     r"image .*deep.png.*'I;16'"):
+    build(path, str(tmp_path), tok)
+  # Unchecked at build: the read fails with the same error (for whichever
+  # copy of the sample the batch starts with).
+  p = build(path, str(tmp_path), tok, check_images=False)
+  with pytest.raises(ValueError, match=r"one.json: sample 'd1.* \(entry \d\): "
+                     r"image .*deep.png.*'I;16'"):
     next(p.train_iterator())
+
+
+def test_colour_space_images_are_accepted(tmp_path, tok):
+  rgb = np.random.default_rng(2).integers(0, 256, (12, 10, 3), np.uint8)
+  Image.fromarray(rgb).convert('CMYK').save(tmp_path / 'print.jpg')
+  path = _one_sample_json(tmp_path, {'id': 'c1', 'image': 'print.jpg',
+                                     'conversations': CAPTION})
+  batch = next(build(path, str(tmp_path), tok).train_iterator())
+  with Image.open(tmp_path / 'print.jpg') as image:
+    assert image.mode == 'CMYK'
+    expected = images.preprocess(image.convert('RGB'), SPEC)
+  for row in batch['images']:
+    np.testing.assert_array_equal(row, expected)
+
+
+def test_targets_without_loss_are_valid_ids(shapes, tok):
+  """An image id outside the vocabulary (init_vlm's len(tokenizer) when the
+  LLM has no `<image>` token) never reaches the targets: cross-entropy's
+  gather would give NaN there, and NaN * 0 is NaN."""
+  image_id = tok.vocab_size + 5
+  p = build(shapes.sft_json, shapes.image_dir, tok, image_token_id=image_id,
+            valid_json=shapes.sft_valid_json)
+  for batch in take(p.train_iterator(), 3) + list(p.valid_iterator()):
+    assert (batch['inputs'] == image_id).sum() == 4 * N_IMG
+    targets, loss = batch['targets'], batch['loss_mask']
+    assert (targets[loss == 0] == 0).all()
+    assert ((targets >= 0) & (targets < tok.vocab_size)).all()
+    assert loss.sum() > 0
+
+
+def test_repeated_ids_are_read_and_errors_name_the_entry(tmp_path, tok):
+  """LLaVA-Instruct reuses a COCO image's id for its conversations."""
+  good = {'id': '000000033471', 'image': 'a.png', 'conversations': CAPTION}
+  path = tmp_path / 'instruct.json'
+  path.write_text(json.dumps([good, good]))
+  assert [(s.id, s.index) for s in llava.read_llava_json(path)] == [
+      ('000000033471', 0), ('000000033471', 1)]
+  bad = dict(good, conversations=[{'from': 'bot', 'value': 'hi'}])
+  path.write_text(json.dumps([good, bad]))
+  with pytest.raises(ValueError, match=r"instruct.json: sample "
+                     r"'000000033471' \(entry 1\): conversations\[0\]"):
+    llava.read_llava_json(path)
 
 
 @pytest.mark.parametrize('sample, message', [
     ({'id': 'x1', 'image': 'a.png', 'conversations': [
         {'from': 'human', 'value': '<image> <image>'},
-        {'from': 'gpt', 'value': 'y'}]}, "sample 'x1': 2 <image> tags but 1"),
+        {'from': 'gpt', 'value': 'y'}]},
+     r"sample 'x1' \(entry 0\): 2 <image> tags but 1"),
     ({'id': 'x2', 'conversations': CAPTION},
-     "sample 'x2': 1 <image> tag.*no \"image\" field"),
+     r"sample 'x2' \(entry 0\): 1 <image> tag.*no \"image\" field"),
     ({'id': 'x3', 'image': ['a.png', 'b.png'], 'conversations': CAPTION},
-     "sample 'x3': 2 images"),
+     r"sample 'x3' \(entry 0\): 2 images"),
     ({'id': 'x4', 'image': 'a.png', 'conversations': [
         {'from': 'human', 'value': 'hi'}, {'from': 'gpt', 'value': 'y'}]},
-     "sample 'x4': has an image .* but no <image> tag"),
+     r"sample 'x4' \(entry 0\): has an image .* but no <image> tag"),
     ({'id': 'x5', 'conversations': [{'from': 'bot', 'value': 'hi'}]},
-     r"sample 'x5': conversations\[0\].from='bot': unknown role"),
-    ({'id': 'x6'}, "sample 'x6': missing field \"conversations\""),
+     r"sample 'x5' \(entry 0\): conversations\[0\].from='bot': unknown "
+     'role'),
+    ({'id': 'x6'}, r"sample 'x6' \(entry 0\): missing field "
+     '"conversations"'),
     ({'conversations': CAPTION}, 'entry 0: missing field "id"'),
     ({'id': 'x8', 'conversations': [{'from': 'human'}]},
-     r"sample 'x8': conversations\[0\]: missing field \"value\""),
+     r"sample 'x8' \(entry 0\): conversations\[0\]: missing field "
+     r'\"value\"'),
 ])
 def test_bad_samples_name_file_and_sample(tmp_path, sample, message):
   path = tmp_path / 'bad.json'
@@ -248,8 +315,8 @@ def test_over_long_samples_error_or_counted_skip(shapes, tok, caplog):
   path = os.path.join(shapes.root, '..', 'mixed.json')
   with open(path, 'w') as f:
     json.dump(samples + short, f)
-  with pytest.raises(ValueError, match="sample 'train-00000': 56 tokens.*"
-                     r"seq_len \+ 1 = 51.*too_long"):
+  with pytest.raises(ValueError, match=r"sample 'train-00000' \(entry 0\): "
+                     r"56 tokens.*seq_len \+ 1 = 51.*too_long"):
     build(path, shapes.image_dir, tok, seq_len=50)
   with caplog.at_level(logging.WARNING):
     p = build(path, shapes.image_dir, tok, seq_len=50, too_long='skip')
@@ -306,3 +373,31 @@ def test_measured_lengths_equal_the_encodings(shapes, tmp_path):
       num_image_tokens=N_IMG)[0])
               for s in llava.read_llava_json(shapes.sft_json))
   assert p.num_train_tokens == total
+
+
+def test_shapes_set_meta_is_checked_after_losing_the_rename(tmp_path,
+                                                            monkeypatch):
+  """Another process renamed its set into place first: reused only when
+  written with the same arguments; a corrupt meta.json is named."""
+  kw = dict(num_train=4, num_eval=2, image_size=8)
+  theirs = tiny_vlm.write_shapes_dataset(tmp_path / 'theirs', **kw)
+  replace = os.replace
+
+  def lose_the_race(src, dst):
+    replace(theirs.root, dst)      # their set lands first
+    raise OSError(39, 'Directory not empty')
+
+  monkeypatch.setattr(tiny_vlm.os, 'replace', lose_the_race)
+  with pytest.raises(ValueError, match='written with'):
+    tiny_vlm.write_shapes_dataset(tmp_path / 'a', **dict(kw, seed=1))
+  assert not [n for n in os.listdir(tmp_path) if n.startswith('.shapes')]
+  monkeypatch.undo()
+  theirs = tiny_vlm.write_shapes_dataset(tmp_path / 'theirs', **kw)
+  monkeypatch.setattr(tiny_vlm.os, 'replace', lose_the_race)
+  assert tiny_vlm.write_shapes_dataset(tmp_path / 'b', **kw).root == str(
+      tmp_path / 'b')
+  monkeypatch.undo()
+  meta = tmp_path / 'b' / tiny_vlm.META
+  meta.write_text('{"kind": ')
+  with pytest.raises(ValueError, match=f'{meta} is not valid JSON'):
+    tiny_vlm.write_shapes_dataset(tmp_path / 'b', **kw)

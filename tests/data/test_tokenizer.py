@@ -128,3 +128,31 @@ def test_training_and_reuse_are_logged(tmp_path, caplog):
     tokenizer_lib.train_or_reuse_tokenizer(tmp_path, texts, vocab_size=200)
   assert f"reusing the workdir's tokenizer {path}" in caplog.text
   assert "training a SentencePiece" not in caplog.text
+
+
+class _Counting:
+  """encode / encode_batch that record which one ran."""
+
+  def __init__(self, batch):
+    self.calls = []
+    if batch:
+      self.encode_batch = self._encode_batch
+
+  def encode(self, text):
+    self.calls.append("encode")
+    return [len(text)]
+
+  def _encode_batch(self, texts):
+    self.calls.append("encode_batch")
+    return [[len(t)] for t in texts]
+
+
+@pytest.mark.parametrize("batch", [True, False])
+def test_encode_many_uses_encode_batch_when_present(batch):
+  tok = _Counting(batch)
+  assert tokenizer_lib.encode_many(tok, ["ab", "c"]) == [[2], [1]]
+  assert tok.calls == (["encode_batch"] if batch else ["encode"] * 2)
+  tok.calls.clear()
+  # A single text skips the batch call.
+  assert tokenizer_lib.encode_many(tok, ["abc"]) == [[3]]
+  assert tok.calls == ["encode"]

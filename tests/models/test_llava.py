@@ -170,6 +170,23 @@ def test_siglip_default_feature_strategy_is_refused(tmp_path):
     convert_llava.llava_kwargs(config, 'config.json')
 
 
+def test_moe_llm_is_refused_naming_the_field():
+  """The VLM's LLM is dense: an MoE LLM is refused, not half-supported."""
+  from moe_jax.models import llava  # pylint: disable=g-import-not-at-top
+  llm = dict(vocab_size=32, d_model=16, num_layers=1, num_heads=2,
+             head_dim=8, dense_ffn=False,
+             ffn=dict(router='smoe', num_experts=4, top_k=2, d_model=16,
+                      expert_width=16))
+  tower = dict(kind='siglip', image_size=16, patch_size=4, d_model=16,
+               num_layers=1, num_heads=2, mlp_width=24,
+               activation='gelu_tanh', norm_eps=1e-6)
+  model = llava.Llava(tower=tower, llm=llm, projector_width=16,
+                      image_token_id=5)
+  with pytest.raises(ValueError, match='llm.dense_ffn'):
+    jax.eval_shape(lambda: model.init(jax.random.key(0),
+                                      **model.example_inputs(4)))
+
+
 # ------------------------------------------- (b) the tiny Phi-3 LLM alone ---
 
 def test_tiny_phi3_loads_in_transformers_with_chat_tokens(tmp_path):
