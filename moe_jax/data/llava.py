@@ -278,7 +278,7 @@ def length_grouped_order(lengths: np.ndarray, *, global_batch: int,
   return batches[rng.permutation(num_batches)].reshape(-1)
 
 
-class OrderedMapDataset(grain.MapDataset):
+class OrderedMapDataset(pipeline_lib.IndexMapDataset):
   """parent[order(epoch)[position]] for element epoch * n_epoch + position.
 
   Args:
@@ -302,15 +302,6 @@ class OrderedMapDataset(grain.MapDataset):
   def _parent_index(self, index: int) -> int:
     epoch, position = divmod(index, self._per_epoch)
     return int(self._order(epoch)[position])
-
-  def __getitem__(self, index):
-    if isinstance(index, slice):
-      return self.slice(index)
-    return self._parent[self._parent_index(index)]
-
-  def _getitems(self, indices: Sequence[int]):
-    return self._parent._getitems(  # pylint: disable=protected-access
-        [self._parent_index(i) for i in indices])
 
   def __str__(self) -> str:
     return f'OrderedMapDataset(per_epoch={self._per_epoch})'

@@ -408,7 +408,28 @@ def resolve_process(process_index: int | None,
   return process_index, process_count
 
 
-class ProcessSliceMapDataset(grain.MapDataset):
+class IndexMapDataset(grain.MapDataset):
+  """A view of `parent` whose element i is parent[_parent_index(i)].
+
+  Subclasses define __len__ and _parent_index; reads (single, slice, batch
+  of indices) go through the mapping, so the view is random access and its
+  iterator state is one index, like the parent's.
+  """
+
+  def _parent_index(self, index: int) -> int:
+    raise NotImplementedError
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    return self._parent[self._parent_index(index)]
+
+  def _getitems(self, indices: Sequence[int]):
+    return self._parent._getitems(  # pylint: disable=protected-access
+        [self._parent_index(i) for i in indices])
+
+
+class ProcessSliceMapDataset(IndexMapDataset):
   """Process p's contiguous slice of every global batch.
 
   Element i of this dataset is parent element b*G + p*B + r, where
@@ -430,15 +451,6 @@ class ProcessSliceMapDataset(grain.MapDataset):
   def _parent_index(self, index: int) -> int:
     batch, row = divmod(index, self._local)
     return batch * self._global + self._offset + row
-
-  def __getitem__(self, index):
-    if isinstance(index, slice):
-      return self.slice(index)
-    return self._parent[self._parent_index(index)]
-
-  def _getitems(self, indices: Sequence[int]):
-    return self._parent._getitems(  # pylint: disable=protected-access
-        [self._parent_index(i) for i in indices])
 
   def __str__(self) -> str:
     return (f"ProcessSliceMapDataset(global_batch={self._global}, "

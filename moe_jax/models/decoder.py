@@ -189,6 +189,20 @@ def constrain(x, names):
   return nn.with_logical_constraint(x, names)
 
 
+def ffn_sublayer(x, ffn: Mapping[str, Any], *, dense: bool, dtype, train: bool,
+                 step, prev_logits=None):
+  """A pre-LN layer's FFN on its normed input x [B, S, D] -> (y, aux).
+
+  DenseFFNBlock(**ffn) named 'ffn' when `dense`, else MoEBlock(**ffn) named
+  'moe'. Called from a compact __call__, the block is the caller's child
+  (the decoder's and the vision tower's layers share this).
+  """
+  if dense:
+    return layer_lib.DenseFFNBlock(**ffn, dtype=dtype, name='ffn')(x)
+  return layer_lib.MoEBlock(**ffn, dtype=dtype, name='moe')(
+      x, train=train, step=step, prev_logits=prev_logits)
+
+
 class Attention(nn.Module):
   """Causal attention with (partial) RoPE: x [B, S, D] -> [B, S, D].
 
@@ -283,12 +297,9 @@ class DecoderLayer(nn.Module):
                               dtype=self.dtype, name='attention')(
                                   ln('ln1')(x), positions, mask)
     x = x + checkpoint_name(attention_out, 'attention_out')
-    if self.dense_ffn:
-      y, aux = layer_lib.DenseFFNBlock(**self.ffn, dtype=self.dtype,
-                                       name='ffn')(ln('ln2')(x))
-    else:
-      y, aux = layer_lib.MoEBlock(**self.ffn, dtype=self.dtype, name='moe')(
-          ln('ln2')(x), train=train, step=step, prev_logits=prev_logits)
+    y, aux = ffn_sublayer(ln('ln2')(x), self.ffn, dense=self.dense_ffn,
+                          dtype=self.dtype, train=train, step=step,
+                          prev_logits=prev_logits)
     return x + y, aux
 
 

@@ -50,9 +50,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moe_jax.models.decoder import constrain, norm_layer
+from moe_jax.models.decoder import constrain, ffn_sublayer, norm_layer
 from moe_jax.moe import activations
-from moe_jax.moe import layer as layer_lib
 from moe_jax.validation import require
 
 KINDS = ('siglip', 'clip')
@@ -160,12 +159,9 @@ class VisionLayer(nn.Module):
     ln = lambda name: norm_layer('layernorm', self.norm_eps, name)
     x = x + VisionAttention(self.num_heads, self.dtype, name='attention')(
         ln('ln1')(x).astype(self.dtype))
-    if self.dense_ffn:
-      y, aux = layer_lib.DenseFFNBlock(**self.ffn, dtype=self.dtype,
-                                       name='ffn')(ln('ln2')(x))
-    else:
-      y, aux = layer_lib.MoEBlock(**self.ffn, dtype=self.dtype, name='moe')(
-          ln('ln2')(x), train=train, step=step, prev_logits=prev_logits)
+    y, aux = ffn_sublayer(ln('ln2')(x), self.ffn, dense=self.dense_ffn,
+                          dtype=self.dtype, train=train, step=step,
+                          prev_logits=prev_logits)
     return x + y, aux
 
 

@@ -33,5 +33,10 @@ def test_libmoe_preset_has_the_same_params_and_logits(name):
   logits, shapes = SNAP.logits_and_shapes(name)
   assert sorted(f'{k}={v}' for k, v in shapes.items()) == list(
       SAVED[f'{name}/paths'])
-  # The same float32 computation: bitwise equal (measured: 0.0 difference).
-  np.testing.assert_array_equal(logits, SAVED[f'{name}/logits'])
+  # The same float32 computation. The snapshot was written at XLA's default
+  # CPU optimisation level, where the logits came out bitwise equal; the
+  # suite compiles at -O0 (tests/conftest.py), whose unoptimised elementwise
+  # kernels round a few last bits differently (measured: at most 1.9e-6 on
+  # logits of order 1). A changed computation moves them far more.
+  np.testing.assert_allclose(logits, SAVED[f'{name}/logits'], rtol=0,
+                             atol=1e-5)
