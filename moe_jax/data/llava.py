@@ -55,7 +55,7 @@ import json
 import os
 import sys
 import time
-from typing import Any, Mapping, Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
 from absl import logging
 import grain
@@ -332,7 +332,7 @@ def _to_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 @dataclasses.dataclass
-class LlavaPipeline:
+class LlavaPipeline(pipeline_lib.BatchIterators):
   """Training and validation batches of one process (pipeline.Pipeline's
   interface: train / valid, train_iterator, valid_iterator, summary).
 
@@ -364,23 +364,7 @@ class LlavaPipeline:
   num_threads: int = 2
   prefetch: int = 4
 
-  @property
-  def num_valid_batches(self) -> int:
-    return len(self.valid) if self.valid is not None else 0
-
-  def train_iterator(self, state: dict | None = None):
-    """Training iterator, resumed from `state` (a get_state()) when given."""
-    return pipeline_lib.make_iterator(self.train, state=state,
-                                      num_threads=self.num_threads,
-                                      prefetch=self.prefetch)
-
-  def valid_iterator(self):
-    """A fresh pass over the validation batches (same order every time)."""
-    if self.valid is None:
-      raise ValueError('no validation data: build the pipeline with '
-                       '`valid_json`.')
-    return pipeline_lib.make_iterator(self.valid, num_threads=self.num_threads,
-                                      prefetch=self.prefetch)
+  NO_VALID: ClassVar[str] = 'build the pipeline with `valid_json`'
 
   def summary(self) -> dict[str, Any]:
     """Sizes and skip counts for logging."""

@@ -38,7 +38,7 @@ import os
 import shutil
 import tempfile
 import time
-from typing import Any, Iterable, Sequence
+from typing import Any, ClassVar, Iterable, Sequence
 
 from absl import logging
 import grain
@@ -541,8 +541,35 @@ def make_iterator(dataset, *, state: dict | None = None,
 # Everything together.
 
 
+class BatchIterators:
+  """Iterators over a pipeline's `train` and `valid` batch datasets.
+
+  The dataclass using it holds train, valid (or None), num_threads (grain
+  reader threads) and prefetch (batches read ahead); NO_VALID says how to
+  get validation data when there is none.
+  """
+
+  NO_VALID: ClassVar[str] = 'build the pipeline with validation data'
+
+  @property
+  def num_valid_batches(self) -> int:
+    return len(self.valid) if self.valid is not None else 0
+
+  def train_iterator(self, state: dict | None = None):
+    """Training iterator, resumed from `state` (a get_state()) when given."""
+    return make_iterator(self.train, state=state,
+                         num_threads=self.num_threads, prefetch=self.prefetch)
+
+  def valid_iterator(self):
+    """A fresh pass over the validation batches (same order every time)."""
+    if self.valid is None:
+      raise ValueError(f'no validation data: {self.NO_VALID}.')
+    return make_iterator(self.valid, num_threads=self.num_threads,
+                         prefetch=self.prefetch)
+
+
 @dataclasses.dataclass
-class Pipeline:
+class Pipeline(BatchIterators):
   """Training and validation batches of one process.
 
   Attributes:
@@ -572,23 +599,9 @@ class Pipeline:
   num_threads: int = 2
   prefetch: int = 4
 
-  @property
-  def num_valid_batches(self) -> int:
-    return len(self.valid) if self.valid is not None else 0
-
-  def train_iterator(self, state: dict | None = None):
-    """Training iterator, resumed from `state` (a get_state()) when given."""
-    return make_iterator(self.train, state=state,
-                         num_threads=self.num_threads, prefetch=self.prefetch)
-
-  def valid_iterator(self):
-    """A fresh pass over the validation batches (same order every time)."""
-    if self.valid is None:
-      raise ValueError(
-          "no validation data: build the pipeline with `valid_windows` > 0 "
-          "(windows from the end of the training data) or a `valid_source`.")
-    return make_iterator(self.valid, num_threads=self.num_threads,
-                         prefetch=self.prefetch)
+  NO_VALID: ClassVar[str] = (
+      'build the pipeline with `valid_windows` > 0 (windows from the end of '
+      'the training data) or a `valid_source`')
 
   def summary(self) -> dict[str, Any]:
     """Sizes for logging."""
