@@ -234,10 +234,6 @@ def _write_layers(directory: str, step: int,
   return {'rows': rows, 'layers': len(per_layer), 'path': final}
 
 
-# One JSON writer for the data and trace files.
-_dump = tiny_vlm.dump_json
-
-
 def trace_images(model, variables: Mapping[str, Any],
                  images: Sequence[np.ndarray], directory: str, step: int, *,
                  domains: Sequence[int] | None = None,
@@ -288,11 +284,11 @@ def trace_images(model, variables: Mapping[str, Any],
       counts[l] = int(token.size)
   summary = _write_layers(directory, step, per_layer)
   step_dir = summary['path']
-  _dump(os.path.join(step_dir, LAYERS_FILE),
-        [dict(info, width=w, tokens_per_image=n)
-         for info, w, n in zip(infos, widths, counts)])
-  _dump(os.path.join(step_dir, DOMAINS_FILE), list(domain_names))
-  _dump(os.path.join(step_dir, IMAGES_FILE), list(image_names))
+  tiny_vlm.dump_json(os.path.join(step_dir, LAYERS_FILE),
+                     [dict(info, width=w, tokens_per_image=n)
+                      for info, w, n in zip(infos, widths, counts)])
+  tiny_vlm.dump_json(os.path.join(step_dir, DOMAINS_FILE), list(domain_names))
+  tiny_vlm.dump_json(os.path.join(step_dir, IMAGES_FILE), list(image_names))
   return {**summary, 'images': len(images)}
 
 
