@@ -12,7 +12,14 @@ one row per (token, layer) with columns
   domain     int32   the window's domain / task label (-1 if none)
   choice_<j> int16   j-th selected id in the router's output space [0, E')
                      (FFN experts first, then special / null slots), j < K
-  weight_<j> float32 its combine weight (0 for unused ReMoE / HyperRouter slots)
+                     or -1 for an inactive slot (unused ReMoE / HyperRouter
+                     slots, DropTop's removed slots): selected = choice >= 0
+  weight_<j> float32 its routing weight (RouterOutput.analysis_weight: MoE++
+                     copy / constant slots carry theirs; 0 for inactive slots)
+  top1       int16   argmax of the router's full distribution (§9's top-1,
+                     which a biased selection such as DeepSeek-V3's can put
+                     elsewhere than choice_0), -1 for a token routed nowhere;
+                     absent from traces written before it existed
   prob_<e>   float16 the router's full distribution (analysis_probs), only
                      with `with_probs=True` (T x E' values: large)
 so `pandas.read_parquet(path, filters=[('layer', '=', 3)])` loads one layer
@@ -45,6 +52,8 @@ def _layer_table(sequence, position, token, domain, layer: dict) -> pa.Table:
     columns[f'choice_{j}'] = choice[:, j].astype(np.int16)
   for j in range(weight.shape[1]):
     columns[f'weight_{j}'] = weight[:, j]
+  if 'top1' in layer:
+    columns['top1'] = np.asarray(layer['top1']).astype(np.int16)
   if 'probs' in layer:
     probs = np.asarray(layer['probs'], np.float16)
     for e in range(probs.shape[1]):

@@ -2,10 +2,19 @@
 
 Every function takes a trace DataFrame of ONE layer and ONE checkpoint (the
 columns of moe_jax/trace.py: sequence, position, domain, choice_<j>,
-weight_<j>, optionally prob_<e>) and returns numbers; nothing here runs a
-model. A slot is "selected" when its weight is non-zero (unused ReMoE /
-HyperRouter slots carry weight 0). The top-1 choice of a token is choice_0,
-the router's first (highest-scoring) selection.
+weight_<j>, optionally top1 and prob_<e>) and returns numbers; nothing here
+runs a model.
+
+A slot is "selected" when its choice is >= 0 (the RouterOutput contract:
+inactive ReMoE / HyperRouter slots are -1), whatever its weight: MoE++'s
+zero experts and TC-MoE's null slots are selections with weight 0. The top-1
+of a token is the argmax of the router's full distribution (§9: argmax of
+`gate_softmax`): the trace's top1 column, else the argmax of its prob_<e>
+columns, else, for traces that have neither, choice_0 (the same for every
+router whose selection is its distribution's top-k; DeepSeek-V3's biased
+selection may differ). A token routed nowhere (a ReMoE token with every gate
+at 0) has no top-1 and no weight distribution: it is left out of the
+allocation entropy, weight entropy, router margin and H_total.
 
 Dimension legend: T tokens, K slots, E' router output width.
 """
@@ -32,12 +41,27 @@ def weights(frame: pd.DataFrame) -> np.ndarray:
 
 
 def indicator(frame: pd.DataFrame, width: int) -> np.ndarray:
-  """A [T, E'] in {0, 1}: token t selected id e (with a non-zero weight)."""
+  """A [T, E'] in {0, 1}: token t selected id e (choice_<j> == e)."""
+  c = choices(frame)                                           # [T, K]
+  if c.size and c.max() >= width:
+    raise ValueError(f"the trace selects id {int(c.max())}, outside the "
+                     f"router width E' = {width}")
   a = np.zeros((len(frame), width), np.int64)
-  rows = np.repeat(np.arange(len(frame)), choices(frame).shape[1])
-  active = (weights(frame) != 0).reshape(-1)
-  a[rows[active], choices(frame).reshape(-1)[active]] = 1
+  rows = np.repeat(np.arange(len(frame)), c.shape[1])
+  active = c.reshape(-1) >= 0
+  a[rows[active], c.reshape(-1)[active]] = 1
   return a
+
+
+def top1(frame: pd.DataFrame) -> np.ndarray:
+  """[T] each token's top-1 id (-1: routed nowhere); see the module doc."""
+  if 'top1' in frame.columns:
+    return frame['top1'].to_numpy(np.int64)
+  names = _columns(frame, 'prob_')
+  if names:
+    p = frame[names].to_numpy(np.float64)
+    return np.where(p.max(axis=1) > 0, p.argmax(axis=1), -1)
+  return frame['choice_0'].to_numpy(np.int64)
 
 
 def _entropy(p: np.ndarray) -> np.ndarray:
@@ -54,26 +78,48 @@ def selection_frequency(frame: pd.DataFrame, width: int) -> np.ndarray:
 
 
 def allocation_entropy(frame: pd.DataFrame, width: int) -> float:
-  """Mean over sequences of H(h / Σh) / ln E', h the top-1 histogram."""
+  """Mean over sequences of H(h / Σh) / ln E', h the top-1 histogram.
+
+  Sequences whose every token was routed nowhere have no histogram and are
+  left out (NaN if that is all of them).
+  """
   values = []
-  for _, seq in frame.groupby('sequence'):
-    h = np.bincount(seq['choice_0'].to_numpy(np.int64), minlength=width)
-    values.append(_entropy(h / h.sum()) / np.log(width))
-  return float(np.mean(values))
+  ids = pd.Series(top1(frame), index=frame.index)
+  for _, seq in ids.groupby(frame['sequence']):
+    routed = seq.to_numpy()[seq.to_numpy() >= 0]
+    if routed.size:
+      h = np.bincount(routed, minlength=width)
+      values.append(_entropy(h / h.sum()) / np.log(width))
+  return float(np.mean(values)) if values else float('nan')
+
+
+def normalised_weights(frame: pd.DataFrame) -> np.ndarray:
+  """[T', K] |w_t| / Σ|w_t| of the tokens with some routing weight."""
+  w = np.abs(weights(frame))
+  total = w.sum(axis=1, keepdims=True)
+  routed = total[:, 0] > 0
+  return w[routed] / total[routed]
 
 
 def weight_entropy(frame: pd.DataFrame) -> float:
   """Mean over tokens of H(|w_t| / Σ|w_t|), nats (maximum ln K)."""
-  w = np.abs(weights(frame))
-  w = w / np.maximum(w.sum(axis=1, keepdims=True), 1e-20)
-  return float(np.mean(_entropy(w)))
+  w = normalised_weights(frame)
+  return float(np.mean(_entropy(w))) if len(w) else float('nan')
+
+
+def margins(frame: pd.DataFrame) -> np.ndarray:
+  """[T'] w_(1) - w_(2) per token (sorted normalised |weights|); empty
+  when the trace has one slot per token (K = 1: no second weight)."""
+  w = -np.sort(-normalised_weights(frame), axis=1)
+  if w.shape[1] < 2:
+    return np.zeros((0,))
+  return w[:, 0] - w[:, 1]
 
 
 def router_margin(frame: pd.DataFrame) -> float:
-  """Mean over tokens of w_(1) - w_(2), the sorted renormalised |weights|."""
-  w = np.abs(weights(frame))
-  w = -np.sort(-w / np.maximum(w.sum(axis=1, keepdims=True), 1e-20), axis=1)
-  return float(np.mean(w[:, 0] - w[:, 1]))
+  """Mean over tokens of w_(1) - w_(2); NaN for K = 1."""
+  values = margins(frame)
+  return float(np.mean(values)) if values.size else float('nan')
 
 
 def h_total(frame: pd.DataFrame) -> float:
@@ -86,8 +132,10 @@ def h_total(frame: pd.DataFrame) -> float:
     raise ValueError('h_total needs prob_<e> columns: trace with '
                      '--trace_probs')
   p = frame[names].to_numpy(np.float64)
-  p = p / p.sum(axis=1, keepdims=True)     # float16 storage: renormalise
-  return float(np.mean(_entropy(p)))
+  total = p.sum(axis=1, keepdims=True)
+  routed = total[:, 0] > 0                 # ReMoE: p = 0 routes nowhere
+  p = p[routed] / total[routed]            # float16 storage: renormalise
+  return float(np.mean(_entropy(p))) if len(p) else float('nan')
 
 
 def _aligned(a: pd.DataFrame, b: pd.DataFrame, width: int):
@@ -173,9 +221,8 @@ def domain_overlap(frame: pd.DataFrame, width: int) -> pd.DataFrame:
 
 def _selected_sets(frame: pd.DataFrame) -> list[frozenset]:
   """Per token (ordered by sequence, position): the set of selected ids."""
-  frame = frame.sort_values(['sequence', 'position'])
-  c, w = choices(frame), weights(frame)
-  return [frozenset(row[mask]) for row, mask in zip(c, w != 0)]
+  c = choices(frame.sort_values(['sequence', 'position']))
+  return [frozenset(row[row >= 0]) for row in c]
 
 
 def _aligned_sets(a: pd.DataFrame, b: pd.DataFrame):

@@ -55,6 +55,7 @@ from moe_jax import trace as trace_lib
 from moe_jax.analysis import droptop
 from moe_jax.analysis import metrics
 from moe_jax.analysis import similarity
+from moe_jax.analysis import tracing
 
 
 def _partitions(traces_dir: str, name: str) -> list[int]:
@@ -78,7 +79,9 @@ def traced_steps(traces_dir: str) -> list[int]:
 
 
 def infer_width(frame: pd.DataFrame) -> int:
-  """E' from the probability columns, else 1 + the largest selected id."""
+  """E' from the probability columns, else 1 + the largest selected id
+  (too small when the last ids were never chosen, e.g. TC-MoE's null slots:
+  load_run reads E' from the run's config first, tracing.router_width)."""
   probs = [c for c in frame.columns if c.startswith('prob_')]
   if probs:
     return len(probs)
@@ -195,8 +198,9 @@ def _sidecar(traces_dir: str, step: int, name: str):
 
 
 def load_run(workdir: str, width: int | None = None) -> Run:
-  """Reads the newest traced checkpoint of `workdir`; E' inferred if None
-  (from the traces' _layers.json when they have one)."""
+  """Reads the newest traced checkpoint of `workdir`. E' if None: from the
+  traces' _layers.json (VLM), else the run's config.json, else inferred from
+  the traces (infer_width)."""
   traces_dir = os.path.join(workdir, 'traces')
   steps = traced_steps(traces_dir)
   frames = {layer: trace_lib.read_trace(traces_dir, step=steps[-1],
@@ -207,8 +211,9 @@ def load_run(workdir: str, width: int | None = None) -> Run:
   domain_names = dict(enumerate(
       _sidecar(traces_dir, steps[-1], '_domains.json') or []))
   declared = [e['width'] for e in layer_info.values() if e.get('width')]
-  width = width or (max(declared) if declared else
-                    max(infer_width(f) for f in frames.values()))
+  width = (width or (max(declared) if declared else None)
+           or tracing.router_width(workdir)
+           or max(infer_width(f) for f in frames.values()))
   return Run(workdir=workdir, label=run_label(workdir), steps=steps,
              frames=frames, width=width, layer_info=layer_info,
              domain_names=domain_names)
@@ -262,16 +267,17 @@ def header_section(ctx: Context) -> Section:
 def metrics_section(ctx: Context) -> Section:
   """Per-layer metrics table; margin.png, the margins behind router_margin."""
   run = ctx.run
-  fig, ax = plt.subplots(figsize=(7, 4))
-  for l in run.layers:
-    w = np.abs(metrics.weights(run.frames[l]))
-    w = -np.sort(-w / np.maximum(w.sum(1, keepdims=True), 1e-20), axis=1)
-    ax.hist(w[:, 0] - w[:, 1], bins=30, histtype='step',
-            label=f'layer {run.layer_name(l)}')
-  ax.set_xlabel('router margin w(1) - w(2)')
-  ax.set_ylabel('tokens')
-  ax.legend()
-  margin_png = ctx.save(fig, 'margin.png')
+  margins = {l: metrics.margins(run.frames[l]) for l in run.layers}
+  figures = ()
+  if any(m.size for m in margins.values()):      # K = 1 has no margin
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for l, values in margins.items():
+      ax.hist(values, bins=30, histtype='step',
+              label=f'layer {run.layer_name(l)}')
+    ax.set_xlabel('router margin w(1) - w(2)')
+    ax.set_ylabel('tokens')
+    ax.legend()
+    figures = (ctx.save(fig, 'margin.png'),)
 
   rows = []
   for l in run.layers:
@@ -289,7 +295,7 @@ def metrics_section(ctx: Context) -> Section:
     rows.append(row)
   table = pd.DataFrame(rows).set_index('layer')
   return Section(_block('## Per-layer metrics',
-                        table.to_markdown(floatfmt='.4f')), (margin_png,))
+                        table.to_markdown(floatfmt='.4f')), figures)
 
 
 def domain_entropy_section(ctx: Context) -> Section:

@@ -19,9 +19,12 @@ import jax
 import numpy as np
 
 from moe_jax import restore
+from moe_jax import run_log
+from moe_jax import state
 from moe_jax import trace as trace_lib
 from moe_jax.analysis import vlm_tracing
 from moe_jax.data import from_config
+from moe_jax.moe import router as router_lib
 
 
 def require_routing(config, what: str) -> None:
@@ -39,11 +42,28 @@ def require_routing(config, what: str) -> None:
                      f'{what}')
 
 
+def router_width(workdir: str) -> int | None:
+  """E' of an LM run's router (the width its traces' ids index), from the
+  run's config.json; None without one (or for a VLM, whose traces carry
+  their widths in _layers.json)."""
+  if not os.path.isfile(os.path.join(workdir, run_log.CONFIG_FILE)):
+    return None
+  config = run_log.load_saved_config(workdir)
+  moe = config.get('moe', {})
+  if (config.get('model_name') == 'llava'
+      or config.get('model', {}).get('dense_ffn')
+      or not all(k in moe for k in ('router', 'num_experts', 'top_k',
+                                    'd_model', 'router_options'))):
+    return None
+  return router_lib.output_width(moe.router, state.router_config(config))
+
+
 def routing_fn(model, *, with_probs: bool = False):
   """jit: (params, router_state, tokens [B, S]) -> per-layer routing arrays.
 
   Returns a list over MoE layers of {'choice': [B*S, K] int32,
-  'weight': [B*S, K] float32, and with_probs 'probs': [B*S, E']}.
+  'weight': [B*S, K] float32, 'top1': [B*S] int32, and with_probs
+  'probs': [B*S, E']}.
   """
   def fn(params, router_state, tokens):
     variables = {'params': params}
@@ -53,7 +73,8 @@ def routing_fn(model, *, with_probs: bool = False):
     out = []
     for aux in auxes:
       routing = aux['routing']
-      layer = {'choice': routing['choice'], 'weight': routing['weight']}
+      layer = {'choice': routing['choice'], 'weight': routing['weight'],
+               'top1': routing['top1']}
       if with_probs:
         layer['probs'] = routing['probs']
       out.append(layer)
@@ -74,6 +95,12 @@ def trace_checkpoint(config, workdir: str, *, step: int | None = None,
   Returns:
     write_trace's summary plus {'step'}.
   """
+  if jax.process_count() > 1:
+    # Every process would write its own data slice into the same step
+    # folder, each numbering its sequences from 0.
+    raise ValueError(
+        f'--mode=trace is single-process; this run has '
+        f'{jax.process_count()} processes: trace the checkpoint from one')
   if config.get('model_name') == 'llava':
     return vlm_tracing.trace_vlm_checkpoint(config, workdir, step=step,
                                             with_probs=with_probs)

@@ -122,8 +122,9 @@ def image_routing_fn(model):
 
   Returns:
     A list over layer_infos of {'choice' [T_l, K] int32, 'weight' [T_l, K],
-    'probs' [T_l, E']}, T_l the layer's token rows for the batch, in the
-    model's order (at scale s: crop-major, [s², B, n] flattened).
+    'top1' [T_l], 'probs' [T_l, E']}, T_l the layer's token rows for the
+    batch, in the model's order (at scale s: crop-major, [s², B, n]
+    flattened).
   """
   num_layers = len(layer_infos(model))
   # Any id other than the image token: the text row takes no image rows.
@@ -132,10 +133,8 @@ def image_routing_fn(model):
   def fn(variables, images):
     tokens = jnp.full((images.shape[0], 1), text_id, jnp.int32)  # [B, 1]
     _, auxes = model.apply(variables, tokens, images, train=False)
-    return [{'choice': aux['routing']['choice'],
-             'weight': aux['routing']['weight'],
-             'probs': aux['routing']['probs']}
-            for aux in auxes[:num_layers]]
+    keep = ('choice', 'weight', 'top1', 'probs')
+    return [{k: aux['routing'][k] for k in keep} for aux in auxes[:num_layers]]
   return jax.jit(fn)
 
 
@@ -276,7 +275,7 @@ def trace_images(model, variables: Mapping[str, Any],
       order, token = token_layout(model, info, len(layer['choice']),
                                   batch_size)
       order = order[:b].reshape(-1)                        # real images
-      keep = ('choice', 'weight') + (('probs',) if with_probs else ())
+      keep = ('choice', 'weight', 'top1') + (('probs',) if with_probs else ())
       rows = {k: np.asarray(layer[k])[order] for k in keep}
       tokens = np.broadcast_to(token, (b, token.size))     # [b, s² n]
       per_layer[l].append((tokens, domain, [rows]))

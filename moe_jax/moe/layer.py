@@ -189,8 +189,9 @@ class MoEBlock(nn.Module):
         'router_logits': out.logits,
         # Per-token routing for traces (moe_jax/trace.py); unused outputs
         # cost nothing under jit.
-        'routing': {'choice': out.choice, 'weight': out.weight,
-                    'probs': out.analysis_probs},
+        'routing': {'choice': out.choice, 'weight': out.analysis_weight,
+                    'probs': out.analysis_probs,
+                    'top1': metrics_lib.top1_choice(out.analysis_probs)},
     }
     return y.reshape(b, s, self.out_width).astype(x.dtype), aux
 

@@ -14,6 +14,13 @@ All are float32 scalars except `expert_counts` and `expert_load` ([E']).
   weight_entropy    mean_t H(|w_t| / Σ|w_t|) over the active slots, nats.
   router_margin     mean_t (w_(1) - w_(2)) of the sorted |weights| (K >= 2).
 
+w_t are the slot weights (RouterOutput.analysis_weight: MoE++'s copy and
+constant slots included). A token the router sent nowhere (a ReMoE token
+with every ReLU gate at 0: all its weights and p_t are 0) has no top-1 and
+no weight distribution: it is left out of allocation_entropy,
+weight_entropy and router_margin rather than counted as expert 0 or as
+entropy 0.
+
 Dimension legend: T tokens, E' router width, K slots.
 """
 
@@ -30,20 +37,37 @@ def _entropy(p):
                   axis=-1)
 
 
+def top1_choice(p):
+  """[T] the top-1 id argmax p_t of each row of p [T, E'], -1 where the row
+  is all zero (a token routed nowhere)."""
+  return jnp.where(jnp.max(p, axis=-1) > 0, jnp.argmax(p, axis=-1),
+                   -1).astype(jnp.int32)
+
+
+def _masked_mean(values, keep):
+  """Mean of values [N] where keep [N] (0 if nowhere)."""
+  kept = jnp.sum(keep)
+  return jnp.sum(jnp.where(keep, values, 0.0)) / jnp.maximum(kept, 1)
+
+
 def routing_stats(out: RouterOutput, num_sequences: int = 1) -> dict:
   """Statistics of T = B*S tokens; num_sequences B groups allocation entropy."""
   width = out.probs.shape[-1]
   p = out.analysis_probs.astype(jnp.float32)                   # [T, E']
-  top1 = jax.nn.one_hot(jnp.argmax(p, axis=-1), width, dtype=jnp.float32)
+  # one_hot(-1) is all zeros: tokens routed nowhere add to no histogram.
+  top1 = jax.nn.one_hot(top1_choice(p), width, dtype=jnp.float32)
   hist = jnp.sum(top1.reshape(num_sequences, -1, width), axis=1)   # [B, E']
-  alloc = _entropy(hist / jnp.sum(hist, -1, keepdims=True))
+  routed = jnp.sum(hist, -1)                                   # [B]
+  alloc = _entropy(hist / jnp.maximum(routed, 1.0)[:, None])
   alloc = alloc / jnp.log(width) if width > 1 else jnp.zeros_like(alloc)
   counts = jnp.sum(jax.nn.one_hot(out.choice, width, dtype=jnp.float32),
                    axis=(0, 1))                                # [E']
   total = jnp.maximum(jnp.sum(counts), 1.0)
   mean = total / width
-  w = jnp.abs(out.weight.astype(jnp.float32))                  # [T, K]
-  w_norm = w / jnp.maximum(jnp.sum(w, axis=-1, keepdims=True), 1e-20)
+  w = jnp.abs(out.analysis_weight.astype(jnp.float32))         # [T, K]
+  w_sum = jnp.sum(w, axis=-1, keepdims=True)                   # [T, 1]
+  w_norm = w / jnp.maximum(w_sum, 1e-20)
+  weighted = w_sum[:, 0] > 0                                   # [T]
   stats = {
       'expert_counts': counts,
       'expert_load': counts / total,
@@ -51,11 +75,11 @@ def routing_stats(out: RouterOutput, num_sequences: int = 1) -> dict:
       'max_mean_load': jnp.max(counts) / mean,
       'load_cv': jnp.std(counts) / mean,
       'routing_entropy': jnp.mean(_entropy(p)),
-      'allocation_entropy': jnp.mean(alloc),
-      'weight_entropy': jnp.mean(_entropy(w_norm)),
+      'allocation_entropy': _masked_mean(alloc, routed > 0),
+      'weight_entropy': _masked_mean(_entropy(w_norm), weighted),
   }
   if w.shape[-1] >= 2:
     top2 = jax.lax.top_k(w_norm, 2)[0]
-    stats['router_margin'] = jnp.mean(top2[:, 0] - top2[:, 1])
+    stats['router_margin'] = _masked_mean(top2[:, 0] - top2[:, 1], weighted)
   stats.update({k: jnp.asarray(v, jnp.float32) for k, v in out.stats.items()})
   return stats

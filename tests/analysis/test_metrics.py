@@ -2,7 +2,8 @@
 
 Trace (E' = 4, K = 2): sequence 0 (domain 0): tokens {0: .75, 1: .25} and
 {0: .5, 2: .5}; sequence 1 (domain 1): {3: .6, 1: .4} and {1: 1.0} with an
-unused second slot (weight 0). Selections per expert: [2, 3, 1, 1].
+inactive second slot (choice -1, weight 0: the RouterOutput contract).
+Selections per expert: [2, 3, 1, 1].
 """
 
 import math
@@ -21,7 +22,7 @@ def trace(first_token=(0, 1)):
       (0, 0, 0, first_token, (0.75, 0.25)),
       (0, 1, 0, (0, 2), (0.5, 0.5)),
       (1, 0, 1, (3, 1), (0.6, 0.4)),
-      (1, 1, 1, (1, 3), (1.0, 0.0)),
+      (1, 1, 1, (1, -1), (1.0, 0.0)),
   ]
   return pd.DataFrame([
       {'sequence': s, 'position': p, 'domain': d, 'choice_0': c[0],
@@ -46,9 +47,11 @@ def test_selection_frequency_and_co_activation():
 
 
 def test_entropies_and_margin():
-  # Top-1 histograms: sequence 0 [2, 0, 0, 0] -> 0; sequence 1 [0, 1, 0, 1]
-  # -> ln 2 / ln 4 = 0.5.
-  assert metrics.allocation_entropy(trace(), WIDTH) == pytest.approx(0.25)
+  # Top-1 (choice_0: the uniform prob_ columns are left out here, see
+  # test_top1_is_the_argmax_of_the_distribution) histograms: sequence 0
+  # [2, 0, 0, 0] -> 0; sequence 1 [0, 1, 0, 1] -> ln 2 / ln 4 = 0.5.
+  no_probs = trace().drop(columns=[f'prob_{e}' for e in range(WIDTH)])
+  assert metrics.allocation_entropy(no_probs, WIDTH) == pytest.approx(0.25)
   expected = (h(.75, .25) + h(.5, .5) + h(.6, .4) + h(1.0)) / 4
   assert metrics.weight_entropy(trace()) == pytest.approx(expected)
   assert metrics.router_margin(trace()) == pytest.approx(
@@ -105,9 +108,9 @@ def test_layer_overlap_universal_and_optimist_scores():
 def test_token_jaccard_and_layer_selection_overlap():
   other = trace()
   other['choice_0'] = [0, 3, 3, 1]
-  other['choice_1'] = [2, 2, 1, 3]
+  other['choice_1'] = [2, 2, 1, -1]
   # Token sets, trace vs other: {0,1}|{0,2}: 1/3; {0,2}|{3,2}: 1/3;
-  # {3,1}|{3,1}: 1; {1} (second slot weight 0)|{1}: 1.
+  # {3,1}|{3,1}: 1; {1} (second slot inactive)|{1}: 1.
   assert metrics.token_jaccard(trace(), other) == pytest.approx(
       (1 / 3 + 1 / 3 + 1 + 1) / 4)
   # Intersections 1, 1, 2, 1 over k = 2.
@@ -115,3 +118,61 @@ def test_token_jaccard_and_layer_selection_overlap():
       (1 + 1 + 2 + 1) / 8)
   with pytest.raises(ValueError, match='different tokens'):
     metrics.token_jaccard(trace(), other.iloc[:3])
+
+
+def test_selection_is_choice_not_weight():
+  # MoE++ zero experts and TC-MoE null slots are selections with weight 0
+  # (their trace weight is 0); only choice -1 is no selection.
+  frame = trace()
+  frame.loc[1, 'weight_1'] = 0.0           # token 1's expert 2, weight 0
+  np.testing.assert_allclose(metrics.selection_frequency(frame, WIDTH),
+                             [2 / 7, 3 / 7, 1 / 7, 1 / 7])
+  assert metrics.load_balance(frame, WIDTH)['dead_proportion'] == 0.0
+  with pytest.raises(ValueError, match="router width E' = 3"):
+    metrics.indicator(frame, 3)
+
+
+def test_top1_is_the_argmax_of_the_distribution():
+  # A biased selection (DeepSeek-V3) can rank choice_0 below another id:
+  # §9's top-1 is the argmax of gate_softmax.
+  frame = trace().drop(columns=[f'prob_{e}' for e in range(WIDTH)])
+  assert metrics.allocation_entropy(frame, WIDTH) == pytest.approx(0.25)
+  # Sequence 0's top-1 by the distribution: experts 0 and 3 -> ln 2 / ln 4;
+  # sequence 1: 1 and 1 -> 0.
+  probs = np.array([[.4, .1, .1, .4001], [.7, .1, .1, .1],
+                    [.1, .6, .2, .1], [.1, .7, .1, .1]])
+  with_probs = frame.assign(**{f'prob_{e}': probs[:, e] for e in range(4)})
+  assert metrics.allocation_entropy(with_probs, WIDTH) == pytest.approx(0.25)
+  np.testing.assert_array_equal(metrics.top1(with_probs), [3, 0, 1, 1])
+  # The trace's own top1 column wins over both.
+  with_top1 = with_probs.assign(top1=[2, 2, 0, 3])
+  assert metrics.allocation_entropy(with_top1, WIDTH) == pytest.approx(
+      (0 + 0.5) / 2)
+
+
+def test_tokens_routed_nowhere_are_left_out():
+  # A ReMoE token with every gate at 0: choices -1, weights 0, p = 0.
+  frame = pd.concat([trace(), pd.DataFrame([{
+      'sequence': 1, 'position': 2, 'domain': 1, 'choice_0': -1,
+      'choice_1': -1, 'weight_0': 0.0, 'weight_1': 0.0,
+      **{f'prob_{e}': 0.0 for e in range(WIDTH)}}])], ignore_index=True)
+  np.testing.assert_array_equal(metrics.top1(frame)[-1], -1)
+  base = trace()
+  for name in ('weight_entropy', 'router_margin', 'h_total'):
+    assert getattr(metrics, name)(frame) == pytest.approx(
+        getattr(metrics, name)(base)), name
+  # Top-1 by prob_ (all 0.25: argmax 0) for the other tokens.
+  assert metrics.allocation_entropy(frame, WIDTH) == pytest.approx(
+      metrics.allocation_entropy(base, WIDTH))
+  np.testing.assert_allclose(metrics.selection_frequency(frame, WIDTH),
+                             [2 / 7, 3 / 7, 1 / 7, 1 / 7])
+  nowhere = frame.iloc[[-1]]
+  assert math.isnan(metrics.allocation_entropy(nowhere, WIDTH))
+  assert math.isnan(metrics.weight_entropy(nowhere))
+
+
+def test_one_slot_per_token_has_no_margin():
+  frame = trace().drop(columns=['choice_1', 'weight_1'])
+  assert metrics.margins(frame).size == 0
+  assert math.isnan(metrics.router_margin(frame))
+  assert metrics.weight_entropy(frame) == 0.0

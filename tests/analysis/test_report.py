@@ -1,16 +1,22 @@
 """The report builds its figures and summary from traces on disk."""
 
 import json
+import os
 
 import numpy as np
 
+from moe_jax import config_lib
+from moe_jax import run_log
 from moe_jax import trace as trace_lib
 from moe_jax.analysis import report
+from moe_jax.analysis import tracing
+
+CONFIGS = os.path.join(os.path.dirname(__file__), '..', '..', 'configs')
 
 
 def _batch(second_choice_of_token0):
   """The 4-token trace of test_metrics as one batch of 2 windows x 2."""
-  choice = np.array([[0, second_choice_of_token0], [0, 2], [3, 1], [1, 3]])
+  choice = np.array([[0, second_choice_of_token0], [0, 2], [3, 1], [1, -1]])
   weight = np.array([[.75, .25], [.5, .5], [.6, .4], [1., 0.]], np.float32)
   layers = [{'choice': choice, 'weight': weight}] * 2
   return np.array([[11, 12], [13, 14]]), np.array([0, 1]), layers
@@ -142,3 +148,33 @@ def test_summary_is_built_from_the_section_list(tmp_path):
   text = summary.read_text()
   assert text.startswith('# Routing report') and '## DropTop' in text
   assert '## Per-layer metrics' not in text and 'Figures' not in text
+
+
+def test_router_width_comes_from_the_run_config(tmp_path):
+  # TC-MoE's null slots sit at the end of its 2E + N outputs and are rarely
+  # chosen: a width inferred from the largest chosen id would drop them.
+  config = config_lib.load_config(
+      os.path.join(CONFIGS, 'tc_moe_154m.py:tiny'))
+  run_log.write_resolved_config(config, str(tmp_path))
+  e, n = config.moe.num_experts, config.moe.router_options.num_null
+  n = config.moe.top_k if n is None else n
+  assert tracing.router_width(str(tmp_path)) == 2 * e + n
+  trace_lib.write_trace(str(tmp_path / 'traces'), 10, [_batch(1)])
+  assert report.load_run(str(tmp_path)).width == 2 * e + n
+  assert report.load_run(str(tmp_path), width=4).width == 4
+
+
+def test_one_slot_per_token_reports_no_margin(tmp_path):
+  tokens, domains, layers = _batch(1)
+  layers = [{'choice': l['choice'][:, :1], 'weight': l['weight'][:, :1]}
+            for l in layers]
+  trace_lib.write_trace(str(tmp_path / 'traces'), 10,
+                        [(tokens, domains, layers)])
+  report.build_report(str(tmp_path), width=4)
+  summary = (tmp_path / 'report' / 'summary.md').read_text()
+  table = summary.split('## Per-layer metrics')[1].split('##')[0]
+  rows = [[c.strip() for c in line.split('|')[1:-1]]
+          for line in table.strip().splitlines()]
+  column = rows[0].index('router_margin')
+  assert [row[column] for row in rows[2:]] == ['nan', 'nan']
+  assert not (tmp_path / 'report' / 'margin.png').exists()

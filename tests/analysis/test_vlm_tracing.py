@@ -237,6 +237,13 @@ def test_trace_checkpoint_dispatches_vlm_runs(monkeypatch):
   assert calls == [((config, '/w'), {'step': None, 'with_probs': True})]
 
 
+def test_trace_checkpoint_is_single_process(monkeypatch):
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  config = ml_collections.ConfigDict(dict(model_name='llava'))
+  with pytest.raises(ValueError, match='single-process; this run has 2'):
+    tracing.trace_checkpoint(config, '/w')
+
+
 def test_lm_traces_report_as_before(tmp_path):
   """No sidecars: no site section, layers by index, E' from the ids."""
   choice = np.array([[0, 1], [2, 3]])

@@ -155,3 +155,68 @@ def test_sigmoid_router_logs_softmax_of_logits():
   expected = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
   np.testing.assert_allclose(np.asarray(out.gate_softmax), expected,
                              rtol=1e-5, atol=1e-6)
+
+
+def test_tokens_routed_nowhere_are_left_out():
+  # Token 2 routed nowhere (a ReMoE token with every gate at 0): no top-1,
+  # no weights. Without it: top-1 of t0, t1, t3 = e0, e0, e3 in one sequence
+  # -> H(2/3, 1/3) / ln 4; weight entropy and margin over t0, t1, t3.
+  probs = [p if i != 2 else [0.0] * 4 for i, p in enumerate(PROBS)]
+  out = make_out(choice=[CHOICE[0], CHOICE[1], [-1, -1], CHOICE[3]],
+                 weight=[WEIGHT[0], WEIGHT[1], [0.0, 0.0], WEIGHT[3]],
+                 probs=probs)
+  np.testing.assert_array_equal(metrics.top1_choice(out.probs), [0, 0, -1, 3])
+  s = metrics.routing_stats(out)
+  np.testing.assert_allclose(float(s['allocation_entropy']),
+                             entropy([2 / 3, 1 / 3]) / math.log(4), rtol=1e-6)
+  w = [[0.7, 0.3], [2 / 3, 1 / 3], [0.6, 0.4]]
+  np.testing.assert_allclose(float(s['weight_entropy']),
+                             np.mean([entropy(q) for q in w]), rtol=1e-6)
+  np.testing.assert_allclose(float(s['router_margin']),
+                             np.mean([q[0] - q[1] for q in w]), rtol=1e-6)
+  # A sequence with no routed token adds no allocation entropy term:
+  # sequence 0 top-1 e0, e1 -> ln 2 / ln 4 = 0.5; sequence 1 (t2, t3 both
+  # routed nowhere) is left out, not averaged in as 0.
+  none = [0.0] * 4
+  two = make_out(choice=[CHOICE[0], CHOICE[1], [-1, -1], [-1, -1]],
+                 weight=[WEIGHT[0], WEIGHT[1], [0.0, 0.0], [0.0, 0.0]],
+                 probs=[PROBS[0], [0.1, 0.6, 0.2, 0.1], none, none])
+  s2 = metrics.routing_stats(two, num_sequences=2)
+  np.testing.assert_allclose(float(s2['allocation_entropy']), 0.5, rtol=1e-6)
+
+
+def test_slot_weights_feed_the_weight_statistics():
+  # MoE++ zeroes `weight` on copy / constant slots (served outside the
+  # grouped matmul); the statistics read the slot weights.
+  slot = jnp.asarray([[0.6, 0.4]] * 4, jnp.float32)
+  out = make_out(weight=[[0.6, 0.0]] * 4).replace(slot_weight=slot)
+  s = metrics.routing_stats(out)
+  np.testing.assert_allclose(float(s['weight_entropy']), entropy([.6, .4]),
+                             rtol=1e-6)
+  np.testing.assert_allclose(float(s['router_margin']), 0.2, rtol=1e-5)
+
+
+def test_moe_plus_plus_layer_traces_every_slot_weight():
+  # zero_weight_mode 'keep': the top-k softmax renormalised over all k
+  # slots, FFN or special (algorithms.md §3.9), computed here from the
+  # router's logits; the combine weight keeps only the FFN slots.
+  from moe_jax.moe import layer as layer_lib
+  block = layer_lib.MoEBlock(
+      d_model=8, num_experts=3, top_k=3, expert_width=4,
+      router='moe_plus_plus',
+      router_options=dict(n_const=1, n_copy=1, n_zero=1,
+                          zero_weight_mode='keep', init_std=1.0))
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 64, 8)),
+                  jnp.float32)
+  variables = block.init(jax.random.PRNGKey(0), x)
+  _, aux = block.apply(variables, x)
+  z = np.asarray(aux['router_logits'], np.float64)                # [T, 6]
+  p = np.exp(z - z.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  choice = np.asarray(aux['routing']['choice'])
+  top = np.take_along_axis(p, choice, axis=-1)
+  np.testing.assert_allclose(np.asarray(aux['routing']['weight']),
+                             top / top.sum(-1, keepdims=True), rtol=1e-5)
+  assert (choice >= 3).any()          # special slots were chosen
+  np.testing.assert_array_equal(np.asarray(aux['routing']['top1']),
+                                p.argmax(-1))

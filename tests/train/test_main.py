@@ -314,6 +314,8 @@ def test_trace_mode_writes_routing_of_the_newest_checkpoint(runner, reference):
   assert all(len(set(row)) == 4 for row in choices)
   assert choices.min() >= 0 and choices.max() < 16
   np.testing.assert_allclose(weights.sum(axis=1), 1.0, rtol=1e-5)
+  # SMoE selects the softmax's top-k: its top-1 is the first choice.
+  np.testing.assert_array_equal(layer0['top1'], choices[:, 0])
   assert np.all(np.diff(weights, axis=1) <= 1e-7)
   # The restored checkpoint routes exactly as the state did in training.
   in_training = trace_lib.read_trace(str(ref_dir / 'traces'), step=STEPS,

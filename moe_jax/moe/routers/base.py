@@ -46,6 +46,11 @@ class RouterOutput:
     gate_softmax: [T, E'] the distribution LibMoE logs as `gate_softmax`
       (softmax(z) for the sigmoid routers, whose `probs` is the normalised
       sigmoid); None means `probs`. Analysis metrics (§9) read it.
+    slot_weight: [T, K] every selected slot's routing weight, including the
+      slots served outside the grouped matmul, which `weight` zeroes (MoE++
+      copy / constant experts, and zero experts with zero_weight_mode
+      'keep'); None means `weight`. These are §9's w_t: traces, weight
+      entropy and router margin read them.
   """
 
   expert_index: Array
@@ -57,10 +62,15 @@ class RouterOutput:
   special: dict = struct.field(default_factory=dict)
   stats: dict = struct.field(default_factory=dict)
   gate_softmax: Array | None = None
+  slot_weight: Array | None = None
 
   @property
   def analysis_probs(self) -> Array:
     return self.probs if self.gate_softmax is None else self.gate_softmax
+
+  @property
+  def analysis_weight(self) -> Array:
+    return self.weight if self.slot_weight is None else self.slot_weight
 
 
 @dataclasses.dataclass(frozen=True)

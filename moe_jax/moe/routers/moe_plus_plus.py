@@ -94,7 +94,8 @@ def route(params, state, x, cfg: base.RouterConfig, *, step=0, rng=None,
   return base.RouterOutput(
       expert_index=expert_index, weight=jnp.where(is_ffn, weight, 0.0),
       choice=choice.astype(jnp.int32), probs=p, logits=z, balance_eta=eta,
-      special={'copy_weight': copy_weight, 'const_weight': const_weight})
+      special={'copy_weight': copy_weight, 'const_weight': const_weight},
+      slot_weight=weight)
 
 
 def check(cfg: base.RouterConfig) -> None:
