@@ -138,13 +138,19 @@ def h_total(frame: pd.DataFrame) -> float:
   return float(np.mean(_entropy(p))) if len(p) else float('nan')
 
 
-def _aligned(a: pd.DataFrame, b: pd.DataFrame, width: int):
+def _same_tokens(a: pd.DataFrame, b: pd.DataFrame):
+  """Two checkpoints' traces of one layer, both in token order."""
   key = ['sequence', 'position']
   a = a.sort_values(key).reset_index(drop=True)
   b = b.sort_values(key).reset_index(drop=True)
   if not a[key].equals(b[key]):
     raise ValueError('the two traces cover different tokens: trace both '
                      'checkpoints over the same evaluation set')
+  return a, b
+
+
+def _aligned(a: pd.DataFrame, b: pd.DataFrame, width: int):
+  a, b = _same_tokens(a, b)
   return indicator(a, width), indicator(b, width)
 
 
@@ -160,6 +166,20 @@ def saturation(current: pd.DataFrame, final: pd.DataFrame,
   """Router saturation, %: 100 |A_c ∧ A_final| / |A_final|."""
   a_cur, a_final = _aligned(current, final, width)
   return float(100.0 * np.sum(a_cur & a_final) / np.sum(a_final))
+
+
+def switch_fraction(previous: pd.DataFrame, current: pd.DataFrame) -> float:
+  """VLM expert change rate (LibMoE's average_switch_fraction): the mean
+  over tokens of the fraction of the K slot positions whose id differs
+  between two checkpoints. Position-sensitive: a reordering counts."""
+  a, b = _same_tokens(previous, current)
+  return float(np.mean(choices(a) != choices(b)))              # over [T, K]
+
+
+def position_match(current: pd.DataFrame, final: pd.DataFrame) -> float:
+  """VLM router saturation (LibMoE's average_position_match): the fraction
+  of slot positions holding the same id as at the final checkpoint."""
+  return 1.0 - switch_fraction(current, final)
 
 
 def co_activation(frame: pd.DataFrame, width: int) -> np.ndarray:

@@ -25,9 +25,10 @@ directory: `_layers.json` names each layer ('vision/layer_3@scale1',
 the tables name layers and tasks, E' comes from the sidecar, the
 'Router statistics by site' section gives LibMoE's VLM statistics (means
 over the tower's layers and the projector's value, algorithms.md §8.4;
-per-task allocation entropy, §9), layer groups are the sites, and layer
+per-task allocation entropy, §9), layer groups are the sites, layer
 pairs are compared only where both layers route the same image tokens (an
-S² scale's crops and the projector's rows differ).
+S² scale's crops and the projector's rows differ), and the change-rate
+section adds LibMoE's position-sensitive VLM switch fraction.
 
 Each report is a list of sections (SECTIONS, COMPARE_SECTIONS): a function of
 the runs' traces that draws its figures and returns its Markdown, or None
@@ -447,8 +448,20 @@ def change_rate_section(ctx: Context) -> Section | None:
   ax.set_xlabel('checkpoint step')
   ax.set_ylabel('expert change rate, %')
   png = ctx.save(ax.figure, 'change_rate.png')
-  return Section(_block('## Expert change rate between checkpoints (%)',
-                        change.to_markdown(floatfmt='.2f')), (png,))
+  blocks = ['## Expert change rate between checkpoints (%)',
+            change.to_markdown(floatfmt='.2f')]
+  if run.layer_info:
+    # LibMoE's VLM measure is per slot position, not per (token, expert)
+    # pair (algorithms.md §9): a reordering of the same experts counts.
+    switch = pd.DataFrame(
+        {run.layer_name(l): [metrics.switch_fraction(run.read(a, l),
+                                                     run.read(b, l))
+                             for a, b in zip(run.steps, run.steps[1:])]
+         for l in run.layers}, index=run.steps[1:])
+    blocks += ["Switch fraction (LibMoE's VLM average_switch_fraction: "
+               'share of slot positions whose expert changed):',
+               switch.to_markdown(floatfmt='.4f')]
+  return Section(_block(*blocks), (png,))
 
 
 def saturation_section(ctx: Context) -> Section | None:

@@ -176,3 +176,20 @@ def test_one_slot_per_token_has_no_margin():
   assert metrics.margins(frame).size == 0
   assert math.isnan(metrics.router_margin(frame))
   assert metrics.weight_entropy(frame) == 0.0
+
+
+def test_switch_fraction_is_position_sensitive():
+  # LibMoE's VLM change rate counts slot positions: token 0 swapping its two
+  # experts is 2 changed positions of 8, though the (token, expert) pairs
+  # are the same (change_rate 0).
+  before = trace()
+  swapped = before.copy()
+  swapped.loc[0, ['choice_0', 'choice_1']] = [1, 0]
+  assert metrics.change_rate(before, swapped, WIDTH) == 0.0
+  assert metrics.switch_fraction(before, swapped) == pytest.approx(2 / 8)
+  assert metrics.position_match(swapped, before) == pytest.approx(6 / 8)
+  # Token 0's second slot 1 -> 2: one position of 8.
+  assert metrics.switch_fraction(before, trace(first_token=(0, 2))) == (
+      pytest.approx(1 / 8))
+  with pytest.raises(ValueError, match='different tokens'):
+    metrics.switch_fraction(before, before.iloc[:3])

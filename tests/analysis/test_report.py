@@ -178,3 +178,19 @@ def test_one_slot_per_token_reports_no_margin(tmp_path):
   column = rows[0].index('router_margin')
   assert [row[column] for row in rows[2:]] == ['nan', 'nan']
   assert not (tmp_path / 'report' / 'margin.png').exists()
+
+
+def test_vlm_report_adds_the_position_sensitive_switch_fraction(tmp_path):
+  traces = tmp_path / 'traces'
+  trace_lib.write_trace(str(traces), 10, [_batch(1)])
+  trace_lib.write_trace(str(traces), 20, [_batch(2)])
+  layers = [{'layer': l, 'name': f'vision/layer_{l}@scale1', 'site': 'vision',
+             'scale': 1, 'width': 4} for l in (0, 1)]
+  (traces / 'step=20' / '_layers.json').write_text(json.dumps(layers))
+  report.build_report(str(tmp_path))
+  summary = (tmp_path / 'report' / 'summary.md').read_text()
+  switch = summary.split('Switch fraction')[1].split('##')[0]
+  # Token 0's second slot 1 -> 2: one slot position of 8, in both layers.
+  rows = [[c.strip() for c in line.split('|')[1:-1]]
+          for line in switch.splitlines() if line.startswith('|')]
+  assert rows[-1] == ['20', '0.1250', '0.1250']
