@@ -54,18 +54,28 @@ def ani(rows: np.ndarray) -> float:
 
 
 def hidden_unit_rows(expert_params: dict) -> dict[str, np.ndarray]:
-  """The E·F hidden units of a layer's experts as D-vectors.
+  """The E·F hidden units of a layer's experts as vectors (§9's E·m rows).
+
+  A SwiGLU hidden unit j reads two input columns, its gate W_gate[:, j] and
+  its up projection W_up[:, j] (W_in = [W_gate | W_up]): its W_in row is
+  the two concatenated, so each unit is one row, as for the other
+  activations, and gate and up vectors are never compared with each other.
 
   Args:
-    expert_params: w_in [E, D, F'] (F' = 2F for SwiGLU), w_out [E, F, D].
+    expert_params: w_in [E, D, F'] (F' = 2F for SwiGLU, else F),
+      w_out [E, F, D].
 
   Returns:
-    {'w_in': [E·F', D] (one row per input column), 'w_out': [E·F, D]}.
+    {'w_in': [E·F, D] ([E·F, 2D] for SwiGLU), 'w_out': [E·F, D]}.
   """
   w_in = np.asarray(expert_params['w_in'], np.float64)
   w_out = np.asarray(expert_params['w_out'], np.float64)
   e, d, f_in = w_in.shape
-  return {'w_in': np.transpose(w_in, (0, 2, 1)).reshape(e * f_in, d),
+  f = w_out.shape[1]
+  columns = np.transpose(w_in, (0, 2, 1))                       # [E, F', D]
+  if f_in == 2 * f:                                             # SwiGLU
+    columns = np.concatenate([columns[:, :f], columns[:, f:]], axis=-1)
+  return {'w_in': columns.reshape(e * f, -1),
           'w_out': w_out.reshape(-1, w_out.shape[-1])}
 
 

@@ -40,6 +40,18 @@ def test_hidden_units_and_router_rows():
   assert similarity.router_expert_rows({'embedding': 0}, 2) is None
 
 
+def test_swiglu_hidden_unit_is_its_gate_and_up_columns():
+  # E = 1, D = 2, F = 2: W_in = [W_gate | W_up], columns g0, g1, u0, u1.
+  g = np.array([[1., 2.], [3., 4.]])
+  u = np.array([[5., 6.], [7., 8.]])
+  w_in = np.concatenate([g, u], axis=1)[None]                   # [1, 2, 4]
+  w_out = np.zeros((1, 2, 2))
+  units = similarity.hidden_unit_rows({'w_in': w_in, 'w_out': w_out})
+  # Unit j = (g[:, j], u[:, j]).
+  np.testing.assert_array_equal(units['w_in'], [[1, 3, 5, 7], [2, 4, 6, 8]])
+  assert units['w_out'].shape == (2, 2)
+
+
 def test_linear_cka_hand_value_and_invariances():
   # Centred x = [-1, 0, 1], y = [0, -1, 1]: (x.y)^2 / (|x|^2 |y|^2) = 1/4.
   x = np.array([[1.], [2.], [3.]])
