@@ -7,7 +7,21 @@ the whole passage and takes the model's argmax at each of the word's token
 positions (teacher forced); the passage is right iff those tokens,
 detokenised and stripped, equal the word exactly. This is not lm-eval's
 LAMBADA (which asks whether every token is the argmax): that number is
-reported too, as `is_greedy_accuracy`, with the last word's perplexity.
+reported too, as `is_greedy_accuracy`.
+
+Secondary metrics of the entry (LibMoE's LambadaTest.plot in language_
+modeling/framework/dataset/text/eval/lambada.py names in brackets):
+  * score                 LibMoE's accuracy [accuracy/total];
+  * last_token_accuracy   LibMoE's last-token accuracy
+                          [accuracy/openai_last_token]: the argmax at the
+                          passage's last position equals the last token of
+                          ' ' + word encoded on its own;
+  * libmoe_perplexity     LibMoE's perplexity [perplexity]: exp of the mean
+                          over passages of each passage's MEAN cross-entropy
+                          per word token (every passage weighs the same);
+  * last_word_ppl         exp of the mean cross-entropy over ALL word tokens
+                          of all passages (token-weighted; not LibMoE's);
+  * is_greedy_accuracy    lm-eval's acc (every word token is the argmax).
 
 Dimension legend: N passages.
 """
@@ -75,14 +89,18 @@ def evaluate(items: Sequence[LambadaItem], scorer: mc.TextScorerProtocol, *,
   Args:
     items: the N passages.
     scorer: a text scorer (TextScorerProtocol); its decode() detokenises
-      the greedy tokens.
+      the greedy tokens, its encode() gives the last token of ' ' + word.
     desc: shown in the scorer's progress and in errors.
 
   Returns:
     {'score', 'seq_average' (equal: one group), 'count', 'rule':
     'greedy_last_word', 'groups': {'lambada': {'accuracy', 'count'}},
     'is_greedy_accuracy' (every word token is the argmax),
-    'last_word_ppl' (exp of minus the mean log-prob per word token)}.
+    'last_token_accuracy' (LibMoE's accuracy/openai_last_token),
+    'libmoe_perplexity' (LibMoE's perplexity: exp of the mean over passages
+    of minus each passage's mean log-prob per word token),
+    'last_word_ppl' (exp of minus the mean log-prob over all word tokens)};
+    see the module docstring.
   """
   if not items:
     raise ValueError(f'{desc}: no passages to score')
@@ -102,4 +120,30 @@ def evaluate(items: Sequence[LambadaItem], scorer: mc.TextScorerProtocol, *,
   logprob = sum(float(s.logprob) for s in scores)
   # exp of a diverged model's loss would overflow; cap it as scoring.py does.
   entry['last_word_ppl'] = math.exp(min(-logprob / tokens, 50.0))
+  # LibMoE: n_tok_ok += last_tok == argmax at in_len - 2, where last_tok is
+  # sentence_to_indices(" " + word)[-1]; the scorer's last greedy token is
+  # the argmax at that position (the passage's last token predicted).
+  entry['last_token_accuracy'] = sum(
+      bool(s.greedy_tokens) and
+      int(s.greedy_tokens[-1]) == _last_token(scorer, item.continuation)
+      for item, s in zip(items, scores)) / len(scores)
+  # LibMoE: loss_total += F.cross_entropy(word logits, word tokens) (a mean
+  # over the word's tokens) per passage; perplexity = exp(loss_total / N).
+  if any(s.num_tokens <= 0 for s in scores):
+    raise ValueError(f'{desc}: a passage was scored over no word tokens')
+  mean_ce = sum(-float(s.logprob) / s.num_tokens for s in scores) / len(scores)
+  entry['libmoe_perplexity'] = math.exp(min(mean_ce, 50.0))
   return entry
+
+
+def _last_token(scorer: mc.TextScorerProtocol, continuation: str) -> int:
+  """The last id of `continuation` encoded on its own (LibMoE's last_tok)."""
+  encode = getattr(scorer, 'encode', None)
+  if encode is None:
+    raise TypeError(f'{type(scorer).__name__}: LAMBADA needs the scorer\'s '
+                    'encode() (TextScorerProtocol) for the last-token '
+                    'accuracy')
+  ids = list(encode(continuation))
+  if not ids:
+    raise ValueError(f'continuation {continuation!r} encodes to no tokens')
+  return int(ids[-1])

@@ -77,7 +77,8 @@ LEAVES = {
 BLIMP_PREFIX = 'blimp_local_'
 # The YAMLs' target_delimiter (' ' + choice); lm-eval's acc_norm divides by
 # the characters of the choice without it. Other tasks: ''.
-TARGET_DELIMITERS = {'piqa': ' ', 'arc': ' '}
+TARGET_DELIMITERS = {'piqa': ' ', 'arc': ' ', 'race': ' ', 'siqa': ' ',
+                     'commonsenseqa': ' '}
 
 EXPLANATION = """\
 Where lm-eval's numbers differ from LibMoE's rule (same items, same token
@@ -96,7 +97,13 @@ sequences, same log-likelihoods):
     sentence plus the prefix is longer than max_len + 1 tokens: the scorer
     then drops prefix tokens from the front of the longer sentence only,
     and the sum rule compares unequal contexts (seen with the :tiny
-    config's max_len 64; not with a real context length).
+    config's max_len 64; not with a real context length). The same holds
+    for ANY 'sum' task whose context + option exceeds max_len + 1 tokens,
+    notably CBT (20 sentences of context): each option's context is
+    left-truncated on its own (moe_jax/loglikelihood.py _window), so a
+    longer option loses more context tokens, its context_logprob covers
+    fewer tokens, and 'sum' then favours it. Keep max_len above CBT's
+    longest item, or read such CBT numbers as approximate.
  4. Groups. LibMoE reports a task as the unweighted mean of its groups (ARC
     easy/challenge, RACE high/middle, 67 BLiMP paradigms); the *_local
     groups aggregate the same way (weight_by_size: false), but lm-eval's
@@ -105,9 +112,12 @@ sequences, same log-likelihoods):
     argmax (is_greedy); LibMoE detokenises the greedy tokens and compares
     the stripped word, so other tokenisations of the same word count right.
     lm-eval's perplexity is exp(-mean over passages of the word's total
-    log-prob); LibMoE's last_word_ppl is per token. The passage is split at
-    the last whitespace (lm-eval's lambada_openai splits at the last ' ',
-    which differs for 7 of 5,153 passages; lambada_local splits LibMoE's way).
+    log-prob); LibMoE's perplexity ('libmoe_perplexity') is exp of the mean
+    over passages of the word's mean cross-entropy per token; last_word_ppl
+    is exp of the mean over all word tokens (token-weighted). The passage
+    is split at the last whitespace (lm-eval's lambada_openai splits at the
+    last ' ', which differs for 7 of 5,153 passages; lambada_local splits
+    LibMoE's way).
  6. Prompts of lm-eval's own tasks (not the *_local ones, which use LibMoE's):
     siqa 'Q: ... A:', commonsense_qa scores letters, race packs earlier
     questions of the passage; CBT and HellaSwag's LibMoE preprocessing are
@@ -183,8 +193,8 @@ class _Replay:
   """A text scorer that answers from scores already computed (so that the
   native rules of eval/ run unchanged on one batched scorer call)."""
 
-  def __init__(self, table: dict[tuple[str, str], Any], decode):
-    self._table, self.decode = table, decode
+  def __init__(self, table: dict[tuple[str, str], Any], decode, encode):
+    self._table, self.decode, self.encode = table, decode, encode
 
   def loglikelihood(self, pairs, *, desc: str = ''):
     del desc
@@ -218,7 +228,7 @@ def run_native(text_scorer, leaves: Sequence[str], n_items: dict[str, int],
   pairs = sorted({p for task in chosen.values() for p in task.pairs()})
   table = dict(zip(pairs, text_scorer.loglikelihood(pairs,
                                                     desc='native')))
-  replay = _Replay(table, text_scorer.decode)
+  replay = _Replay(table, text_scorer.decode, text_scorer.encode)
   for task in chosen.values():
     if task.rule == lambada_lib.RULE:
       task.scores = [[table[p]] for p in task.pairs()]

@@ -12,6 +12,14 @@ right iff the label's score is strictly greater than every other option's:
   * 'norm': logprob / num_tokens, the option's mean log-probability per
             TOKEN (not per character as in lm-eval's acc_norm).
 
+Caveat of 'sum' with long contexts: the scorer left-truncates each
+(context, option) row to max_len + 1 tokens on its own, so when a context
+plus an option is longer than that (CBT's 20-sentence contexts with a short
+max_len; BLiMP only with a tiny one), a longer option loses more context
+tokens, its context_logprob sums fewer (negative) terms and 'sum' is biased
+towards it. The options of an item are then not compared over the same
+context (eval/lm_eval_compare.py EXPLANATION, 3).
+
 A task's score is the unweighted mean of its group accuracies (LibMoE's
 group_average); the mean over all items is kept as `seq_average`.
 
@@ -64,6 +72,9 @@ class TextScorerProtocol(Protocol):
     ...
 
   def decode(self, tokens: Sequence[int]) -> str:
+    ...
+
+  def encode(self, text: str) -> list[int]:
     ...
 
 

@@ -10,7 +10,9 @@ How requests become few compiles:
   1. Each request (context ids, continuation ids) becomes one row: the last
      max_len + 1 tokens of context + continuation (left truncation: the
      continuation is kept, the context's start is dropped), input = row[:-1],
-     target = row[1:].
+     target = row[1:]. Each request is truncated on its own: requests that
+     share a context but differ in continuation length keep different
+     amounts of it (a caveat for the 'sum' rule, eval/multiple_choice.py).
   2. Identical requests are scored once.
   3. Rows are sorted longest first (a too-large batch fails on the first
      batch, not the last) and cut into batches of `batch_size` rows.
@@ -20,7 +22,11 @@ How requests become few compiles:
      shapes. The last batch is filled with padding rows.
 Right padding needs no attention mask: attention is causal and positions
 start at 0 in the first column, so a row's scores do not depend on what
-follows it (the layer's routing is per token and dropless in evaluation).
+follows it, nor on the other rows of the batch: the layer's routing is per
+token, and the Scorer makes every MoE layer dropless (`dropless_model`
+clears moe.capacity_factor: with a capacity, the padding and the other rows
+would compete for expert slots and a row's score would depend on its
+batch). The parameters are the same with or without a capacity factor.
 
 The batch axis is sharded over every device of every process (data
 parallel); each process holds the same request list and gets every result.
@@ -34,7 +40,7 @@ import dataclasses
 import functools
 import math
 import time
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from absl import logging
 import jax
@@ -74,6 +80,58 @@ class Score:
   # Sum of log p over the context tokens that were predicted (the first
   # token of the window has no prediction).
   context_logprob: float
+
+
+# The MoEBlock field (and config.moe key) of the GShard capacity factor.
+_CAPACITY = 'capacity_factor'
+
+
+def _dropless_value(value: Any) -> Any:
+  """`value` with every non-None 'capacity_factor' key of its (nested)
+  mappings set to None; `value` itself when there is none."""
+  if not isinstance(value, Mapping):
+    return value
+  out, changed = {}, False
+  for key, item in value.items():
+    if key == _CAPACITY and item is not None:
+      out[key], changed = None, True
+    else:
+      out[key] = _dropless_value(item)
+      changed = changed or out[key] is not item
+  return out if changed else value
+
+
+def dropless_model(model):
+  """The flax model with every MoE layer dropless (capacity_factor None).
+
+  A capacity factor (moe.capacity_factor) caps the tokens each expert takes
+  per forward pass, so in a padded batch a row's outputs would depend on
+  the padding and on the other rows. Scoring runs the same parameters
+  without it: the capacity_factor field of the module itself (a MoEBlock)
+  and any 'capacity_factor' key of its mapping fields (TransformerLM.ffn,
+  Llava.moe and Llava.llm['ffn']) become None. Returns `model` itself when
+  it has no capacity factor.
+  """
+  if not dataclasses.is_dataclass(model):
+    return model
+  updates = {}
+  for field in dataclasses.fields(model):
+    if field.name in ('parent', 'name') or not hasattr(model, field.name):
+      continue
+    value = getattr(model, field.name)
+    if field.name == _CAPACITY:
+      if value is not None:
+        updates[field.name] = None
+      continue
+    new = _dropless_value(value)
+    if new is not value:
+      updates[field.name] = new
+  if not updates:
+    return model
+  logging.info('Scorer: scoring with capacity_factor=None (dropless) '
+               'instead of the model\'s capacity factor, so that scores do '
+               'not depend on the batch')
+  return model.clone(**updates)
 
 
 def bucket_lengths(max_len: int, min_bucket: int = 32) -> tuple[int, ...]:
@@ -166,7 +224,8 @@ class Scorer:
                progress: bool = True):
     """
     Args:
-      model: the flax module (models.build(config)).
+      model: the flax module (models.build(config)); scored dropless
+        (dropless_model: a moe.capacity_factor is ignored).
       params, router_state: its variables (e.g. restore.restore_run's).
       step: the training step the model sees (routers with schedules).
       max_len: the longest input row; longer requests are left-truncated.
@@ -182,6 +241,8 @@ class Scorer:
     self._progress = progress and jax.process_index() == 0
     self._rows, self._replicated = data_parallel_shardings()
     self.set_variables(params, router_state, step)
+    # Dropless, so that a row's score does not depend on its batch.
+    self.model = model = dropless_model(model)
     self._token_scores = jax.jit(functools.partial(token_scores, model=model))
     self._next_tokens = jax.jit(functools.partial(next_tokens, model=model))
 

@@ -116,3 +116,43 @@ def test_bad_requests_are_named():
     loglikelihood._window(loglikelihood.Request((1,), ()), 8)
   with pytest.raises(ValueError, match='prefix'):
     loglikelihood._window(loglikelihood.Request((), (5,)), 8)
+
+
+def test_capacity_factor_scores_do_not_depend_on_the_batch(tiny_model,
+                                                           monkeypatch):
+  """moe.capacity_factor set: the scorer runs the layers dropless, so each
+  request scores the same alone (one request + padding rows) as in a full
+  batch of 8, and equals the naive unpadded forward of the capacity-free
+  model (the same parameters)."""
+  apply, _, variables, vocab = tiny_model
+  config = config_lib.load_config(f'{CONFIGS}/smoe_154m.py:tiny')
+  config.moe.capacity_factor = 0.5
+  model = models.build(config)
+  assert model.ffn['capacity_factor'] == 0.5
+  assert loglikelihood.dropless_model(model).ffn['capacity_factor'] is None
+  requests = random_requests(vocab)[:8]
+
+  def scores(batch_size, alone):
+    scorer = loglikelihood.Scorer(
+        model, variables['params'], variables.get('router_state', {}),
+        max_len=MAX_LEN, batch_size=batch_size, min_bucket=8,
+        progress=False)
+    if alone:
+      return [scorer.loglikelihood([r])[0] for r in requests]
+    return scorer.loglikelihood(requests)
+
+  together, alone = scores(8, False), scores(1, True)
+  for request, a, b in zip(requests, together, alone):
+    np.testing.assert_allclose(a.logprob, b.logprob, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(a.context_logprob, b.context_logprob,
+                               rtol=1e-5, atol=1e-5)
+    logprob, context_logprob, greedy = naive_score(apply, variables, request,
+                                                   MAX_LEN)
+    np.testing.assert_allclose(a.logprob, logprob, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(a.context_logprob, context_logprob,
+                               rtol=1e-5, atol=1e-5)
+  # The check has teeth: with the capacity kept, the same two ways differ.
+  monkeypatch.setattr(loglikelihood, 'dropless_model', lambda m: m)
+  together, alone = scores(8, False), scores(1, True)
+  assert max(abs(a.logprob - b.logprob)
+             for a, b in zip(together, alone)) > 1e-3

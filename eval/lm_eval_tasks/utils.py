@@ -51,10 +51,12 @@ DEFAULT_DATA_DIR = REPO.parent / 'shared' / 'data' / 'lm_eval'
 SPLITS = {'piqa': 'validation', 'siqa': 'validation',
           'commonsenseqa': 'validation', 'arc': 'test', 'race': 'test',
           'blimp': 'test', 'lambada': 'test'}
-# Tasks whose options start with §7's `" " +` space: the YAML's
-# target_delimiter holds it, so lm-eval's acc_norm counts the option's own
-# characters, as it does for its built-in tasks.
-DELIMITED = ('piqa', 'arc')
+# Tasks whose options start with a ' ' (LibMoE encodes " " + option; §7's
+# table shows it for PIQA and ARC only, LibMoE's siqa.py, race.py and
+# commonsenseqa.py have it too): the YAML's target_delimiter holds it, so
+# lm-eval's acc_norm counts the option's own characters, as it does for its
+# built-in tasks.
+DELIMITED = ('piqa', 'arc', 'race', 'siqa', 'commonsenseqa')
 
 
 def data_dir() -> pathlib.Path:

@@ -146,7 +146,8 @@ def run_task(name: str, scorer: mc.TextScorerProtocol, data_root: str, *,
   Returns:
     The task entry of the results file: {'score', 'seq_average', 'count',
     'rule', 'groups': {group: {'accuracy', 'count'}}}, plus LAMBADA's
-    'is_greedy_accuracy' and 'last_word_ppl'.
+    'is_greedy_accuracy', 'last_token_accuracy', 'libmoe_perplexity' and
+    'last_word_ppl' (eval/lambada.py).
   """
   spec = get_task(name)
   items = subsample(spec.load(os.path.join(data_root, spec.subdir)),

@@ -7,11 +7,19 @@ numbered context lines, then the query line
 
   21 <query with XXXXX>\t<answer>\t\t<cand1|cand2|...|cand10>
 
-and a blank line. The context is the 20 sentences (numbers stripped)
-joined with ' ', then ' ' and the query up to the blank; each option is a
-candidate followed by the rest of the query line, so the option's score
-covers the words after the blank too. Scored by 'sum'; one group per word
-type (CN common nouns, NE named entities, P prepositions, V verbs).
+and a blank line. As LibMoE's language_modeling/framework/dataset/text/
+eval/cbt.py (ChildrenBooksTest.process_lines / add_last_lines):
+  * every context line (number stripped) and the query text go through
+    `detokenize` (ported below) before anything else;
+  * the context is the 20 detokenised sentences joined with ' ', then ' '
+    and the query up to the blank (the trailing space is dropped here: the
+    option is encoded on its own with its word boundary);
+  * each option is a candidate followed by the rest of the query line, so
+    the option's score covers the words after the blank too;
+  * an example without exactly 10 candidates (empty ones dropped) is
+    skipped, as LibMoE skips one whose option count is not 10.
+Scored by 'sum'; one group per word type (CN common nouns, NE named
+entities, P prepositions, V verbs).
 """
 
 from __future__ import annotations
@@ -23,7 +31,28 @@ from eval import multiple_choice as mc
 DISPLAY = 'CBT'
 GROUPS = ('CN', 'NE', 'P', 'V')
 BLANK = 'XXXXX'
+NUM_CANDIDATES = 10
 ARCHIVE_SUBDIR = os.path.join('CBTest', 'data')
+
+
+def detokenize(text: str) -> str:
+  """LibMoE's ChildrenBooksTest.detokenize (eval/cbt.py), itself from
+  declare-lab/instruct-eval lm_eval/tasks/cbt.py: undoes the PTB-style
+  spacing of CBTest's text. The replacements run in this order."""
+  text = text.replace(" '", "'")
+  text = text.replace(' \n', '\n')
+  text = text.replace('\n ', '\n')
+  text = text.replace(" n't", "n't")
+  text = text.replace('`` ', '"')
+  text = text.replace("''", '"')
+  # punctuation
+  text = text.replace(' :', ':')
+  text = text.replace(' ;', ';')
+  text = text.replace(' !', '!')
+  text = text.replace(' ?', '?')
+  text = text.replace(' ,', ',')
+  text = text.replace(' .', '.')
+  return text
 
 
 def file_name(group: str) -> str:
@@ -41,23 +70,27 @@ def find_file(task_dir: str, group: str) -> str:
 
 
 def parse_query(path: str, lineno: int, group: str, sentences: list[str],
-                query_line: str) -> mc.Item:
+                query_line: str) -> mc.Item | None:
   """The item of one example from its context sentences and the text of its
-  query line after the line number."""
+  query line after the line number; None (skipped, as LibMoE does) when it
+  has not exactly NUM_CANDIDATES candidates."""
   parts = query_line.split('\t')
   if len(parts) < 3:
     raise mc.line_error(path, lineno, DISPLAY, 'expected a query line '
                         "'<query>\\t<answer>\\t\\t<cand1|...|cand10>'")
-  query, answer = parts[0], parts[1].strip()
-  candidates = [c.strip() for c in parts[-1].strip().split('|')]
+  query, answer = detokenize(parts[0]), parts[1].strip()
+  candidates = [c.strip() for c in parts[-1].strip().split('|') if c.strip()]
   if query.count(BLANK) != 1:
     raise mc.line_error(path, lineno, DISPLAY, f'the query must hold {BLANK} '
                         f'once, found {query.count(BLANK)}')
   if answer not in candidates:
     raise mc.line_error(path, lineno, DISPLAY, f'answer {answer!r} is not '
                         f'among the candidates {candidates}')
+  if len(candidates) != NUM_CANDIDATES:
+    return None
   before, after = query.split(BLANK)
-  context = (' '.join(sentences) + ' ' + before).rstrip()
+  context = (' '.join(detokenize(s) for s in sentences) + ' ' +
+             before).rstrip()
   return mc.Item(group=group, context=context,
                  options=tuple(c + after for c in candidates),
                  label=candidates.index(answer))
@@ -80,7 +113,9 @@ def parse_file(path: str, group: str) -> list[mc.Item]:
         raise mc.line_error(path, lineno, DISPLAY, f'line number {number}; '
                             f'expected {len(sentences) + 1}')
       if '\t' in text:
-        items.append(parse_query(path, lineno, group, sentences, text))
+        item = parse_query(path, lineno, group, sentences, text)
+        if item is not None:
+          items.append(item)
         sentences = []
       else:
         sentences.append(text.strip())

@@ -1,9 +1,13 @@
 """CommonsenseQA reader: commonsenseqa/dev_rand_split.jsonl (algorithms.md §7).
 
 The official format {"answerKey", "question": {"stem", "choices":
-[{"label", "text"}]}}. Prompt 'Question: {stem}\nAnswer:', options the
-choice texts in label order as they are (no leading ' ' in LibMoE's table),
-the label from answerKey. Scored by 'norm'; one group.
+[{"label", "text"}]}}. Prompt 'Question: {stem}\nAnswer:', options
+' ' + each choice text, in label order, the label from answerKey. Scored by
+'norm'; one group.
+
+The leading ' ' follows LibMoE's code, not algorithms.md §7's table (which
+shows no space): LibMoE's language_modeling/framework/dataset/text/eval/
+commonsenseqa.py encodes `sentence_to_indices(" " + c)` for every choice c.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ def load(task_dir: str) -> list[mc.Item]:
                           f"{r['answerKey']!r} is not among the choice "
                           f'labels {labels}')
     items.append(mc.Item(group=GROUP, context=f'Question: {stem}\nAnswer:',
-                         options=tuple(text for _, text in choices),
+                         # ' ' + text as LibMoE's eval/commonsenseqa.py.
+                         options=tuple(' ' + text for _, text in choices),
                          label=labels.index(r['answerKey'])))
   return items

@@ -2,9 +2,12 @@
 
 Each file is one JSON passage {"article", "questions", "options",
 "answers"}; every question is an item with prompt 'Article: {article}\n
-Question: {question}\nAnswer:' and its 4 options as they are (LibMoE's
-table puts no ' ' before them), label 'ABCD'.index(answer). Scored by
-'norm'; groups 'high' and 'middle'.
+Question: {question}\nAnswer:' and its 4 options, each ' ' + option,
+label 'ABCD'.index(answer). Scored by 'norm'; groups 'high' and 'middle'.
+
+The leading ' ' follows LibMoE's code, not algorithms.md §7's table (which
+shows no space): LibMoE's language_modeling/framework/dataset/text/eval/
+race.py encodes `sentence_to_indices(" " + o)` for every option o.
 """
 
 from __future__ import annotations
@@ -44,7 +47,9 @@ def load_passage(path: str, group: str) -> list[mc.Item]:
     items.append(mc.Item(
         group=group,
         context=f'Article: {article}\nQuestion: {question}\nAnswer:',
-        options=tuple(options), label=LETTERS.index(answer)))
+        # ' ' + option as LibMoE's eval/race.py (see the module docstring).
+        options=tuple(' ' + o for o in options),
+        label=LETTERS.index(answer)))
   return items
 
 

@@ -1,8 +1,12 @@
 """Social IQa reader: siqa/dev.jsonl + siqa/dev-labels.lst (algorithms.md §7).
 
-Prompt 'Context: {context}\nQuestion: {question}\nAnswer:', options the
-three answers as they are (LibMoE's table puts no ' ' before them), the
-label 1/2/3 from the aligned labels file. Scored by 'norm'; one group.
+Prompt 'Context: {context}\nQuestion: {question}\nAnswer:', options
+' ' + each of the three answers, the label 1/2/3 from the aligned labels
+file. Scored by 'norm'; one group.
+
+The leading ' ' follows LibMoE's code, not algorithms.md §7's table (which
+shows no space): LibMoE's language_modeling/framework/dataset/text/eval/
+siqa.py encodes `sentence_to_indices(" " + e)` for every answer e.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ def load(task_dir: str) -> list[mc.Item]:
   return [mc.Item(
       group=GROUP,
       context=f"Context: {r['context']}\nQuestion: {r['question']}\nAnswer:",
-      options=(r['answerA'], r['answerB'], r['answerC']),
+      # ' ' + answer as LibMoE's eval/siqa.py (see the module docstring).
+      options=tuple(' ' + r[k] for k in ('answerA', 'answerB', 'answerC')),
       label=int(label) - 1)
           for (_, r), (_, label) in zip(records, labels)]

@@ -83,6 +83,10 @@ class StubScorer:
   def decode(self, tokens: Sequence[int]) -> str:
     return ''.join(chr(t) for t in tokens)
 
+  def encode(self, text: str) -> list[int]:
+    """Character codes, the inverse of decode."""
+    return [ord(c) for c in text]
+
 
 @pytest.fixture(scope='session')
 def lm_eval_data() -> pathlib.Path:

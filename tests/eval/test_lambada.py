@@ -62,12 +62,49 @@ def test_lambada_golden(tmp_path):
       'groups': {'lambada': {'accuracy': pytest.approx(2 / 3), 'count': 3}},
       'is_greedy_accuracy': pytest.approx(1 / 3),
       'last_word_ppl': pytest.approx(math.exp(2.0)),
+      # The last greedy character equals the continuation's last one in
+      # all three ('n', 'r', '.'; the stub's tokens are characters), even
+      # for ' Brother': LibMoE's last-token accuracy is 3/3.
+      'last_token_accuracy': 1.0,
+      # LibMoE's perplexity: per-passage mean CE 2/2 = 1, 6/1 = 6, 4/3;
+      # exp((1 + 6 + 4/3) / 3) = exp(25/9).
+      'libmoe_perplexity': pytest.approx(math.exp(25 / 9)),
   }
   # max_examples=2 of 3: positions floor(0 * 3/2) = 0 and floor(3/2) = 1;
   # passage 1 right, passage 2 wrong -> 1/2.
   entry = tasks.run_task('lambada', StubScorer(table), str(tmp_path),
                          max_examples=2)
   assert entry['count'] == 2 and entry['score'] == 0.5
+
+
+def test_lambada_libmoe_secondary_metrics():
+  """LibMoE's accuracy/openai_last_token and perplexity (LambadaTest.plot in
+  LibMoE's eval/lambada.py) on hand-set scores."""
+  items = [lambada.LambadaItem('x', 'a'), lambada.LambadaItem('y', 'bcd'),
+           lambada.LambadaItem('z', 'ef')]
+  table = {
+      # 1 word token at log-prob -1; greedy ' a': word right, last token
+      # 'a' right.
+      ('x', ' a'): (-1.0, 1, 0.0, ' a'),
+      # 3 word tokens at -9 in all; greedy ' bcx': word wrong, last token
+      # 'x' != 'd' wrong.
+      ('y', ' bcd'): (-9.0, 3, 0.0, ' bcx'),
+      # 2 tokens at -4; greedy ' qf': word wrong, last token 'f' right.
+      ('z', ' ef'): (-4.0, 2, 0.0, ' qf'),
+  }
+  entry = lambada.evaluate(items, StubScorer(table))
+  assert entry['score'] == pytest.approx(1 / 3)
+  assert entry['last_token_accuracy'] == pytest.approx(2 / 3)
+  # LibMoE: exp(mean over passages of the mean CE per word token)
+  # = exp((1/1 + 9/3 + 4/2) / 3) = exp(2).
+  assert entry['libmoe_perplexity'] == pytest.approx(math.exp(2.0))
+  # Token-weighted: exp((1 + 9 + 4) / (1 + 3 + 2)) = exp(14/6).
+  assert entry['last_word_ppl'] == pytest.approx(math.exp(14 / 6))
+  # The brief's two passages: 1 token at -1 and 3 tokens at -9:
+  # exp((1 + 3) / 2) = 7.389.
+  entry = lambada.evaluate(items[:2], StubScorer(table))
+  assert entry['libmoe_perplexity'] == pytest.approx(7.389056, rel=1e-6)
+  assert entry['last_word_ppl'] == pytest.approx(math.exp(10 / 4))
 
 
 def test_lambada_malformed_line(tmp_path):

@@ -138,53 +138,116 @@ def cbt_example(tag, query, answer, candidates):
 
 
 def cbt_context(tag, before):
-  return ' '.join(f'{tag} sentence {i} .' for i in range(1, 21)) + ' ' + before
+  # Written out after LibMoE's detokenize: 'sentence 1 .' -> 'sentence 1.'.
+  return ' '.join(f'{tag} sentence {i}.' for i in range(1, 21)) + ' ' + before
+
+
+# Ten candidates per example (LibMoE skips any other count).
+CN = ['hat', 'mat', 'rug', 'cap', 'box', 'bag', 'cup', 'pot', 'pan', 'jar']
+NE = ['Anna', 'Tom', 'Bob', 'Sam', 'Joe', 'Kim', 'Lee', 'Max', 'Pat', 'Ann']
+P = ['up', 'down', 'in', 'out', 'on', 'off', 'at', 'by', 'to', 'of']
+V = ['ran', 'sang', 'ate', 'sat', 'hid', 'dug', 'fed', 'led', 'met', 'won']
+
+
+@pytest.mark.parametrize('raw, expected', [
+    # Each expected string worked out by hand from LibMoE's replacement
+    # list (eval/cbt.py detokenize), in its order.
+    # '``I' has no space after the backquotes, so it stays.
+    ("`` Hello , '' said Tom , ``I don't know . ''",
+     '"Hello," said Tom, ``I don\'t know."'),
+    ("He did n't see it ; she was n't there !",
+     "He didn't see it; she wasn't there!"),
+    ("The dog 's bone : a stick ?", "The dog's bone: a stick?"),
+    ("`` Where is XXXXX ? '' asked the girl .",
+     '"Where is XXXXX?" asked the girl.'),
+    ('no change here', 'no change here'),
+])
+def test_cbt_detokenize(raw, expected):
+  from eval.tasks import cbt
+  assert cbt.detokenize(raw) == expected
 
 
 def test_cbt_golden(tmp_path):
   d = tmp_path / 'cbt'
   # CN and NE directly in the task folder; P and V as CBTest.tgz unpacks.
   write_lines(d / 'cbtest_CN_test_2500ex.txt', cbt_example(
-      'cn', 'The cat sat on the XXXXX by the door .', 'mat',
-      ['hat', 'mat', 'rug']))
+      'cn', 'The cat sat on the XXXXX by the door .', 'mat', CN))
   write_lines(d / 'cbtest_NE_test_2500ex.txt', cbt_example(
-      'ne', '`` Hello , XXXXX , \'\' said Tom .', 'Anna',
-      ['Anna', 'Tom', 'Bob']))
+      'ne', '`` Hello , XXXXX , \'\' said Tom .', 'Anna', NE) +
+      # A second NE example with 9 candidates: skipped, as LibMoE does.
+      cbt_example('ne', 'XXXXX went home .', 'Tom', NE[:9]))
   write_lines(d / 'CBTest' / 'data' / 'cbtest_P_test_2500ex.txt', cbt_example(
-      'p', 'He looked XXXXX', 'up', ['up', 'down', 'in']))
+      'p', 'He looked XXXXX', 'up', P))
   write_lines(d / 'CBTest' / 'data' / 'cbtest_V_test_2500ex.txt', cbt_example(
-      'v', 'She XXXXX home .', 'ran', ['ran', 'sang', 'ate']))
+      'v', 'She XXXXX home .', 'ran', V))
+  # Detokenised by hand: '`` Hello , XXXXX , '' said Tom .' -> (" '" -> "'")
+  # '`` Hello , XXXXX ,'' said Tom .' -> ('`` ' and "''" -> '"')
+  # '"Hello , XXXXX ," said Tom .' -> (' ,', ' .') '"Hello, XXXXX," said
+  # Tom.'; so the NE options end '," said Tom.'. ' .' -> '.' everywhere.
   cn = cbt_context('cn', 'The cat sat on the')
-  ne = cbt_context('ne', '`` Hello ,')
+  ne = cbt_context('ne', '"Hello,')
   p = cbt_context('p', 'He looked')
   v = cbt_context('v', 'She')
   # The same context for every option, so 'sum' compares the logprobs.
-  table = {
-      # CN: mat (label 1) -3 beats -5, -4: right.
-      (cn, 'hat by the door .'): (-5.0, 5, -40.0, ''),
-      (cn, 'mat by the door .'): (-3.0, 5, -40.0, ''),
-      (cn, 'rug by the door .'): (-4.0, 5, -40.0, ''),
+  # Options not listed below score -9 (never the best).
+  table = {}
+  for context, cands, after in [(cn, CN, ' by the door.'),
+                                (ne, NE, '," said Tom.'),
+                                (p, P, ''), (v, V, ' home.')]:
+    for c in cands:
+      table[(context, c + after)] = (-9.0, 3, -40.0, '')
+  table.update({
+      # CN: mat (label 1) -3 beats -5 and the -9s: right.
+      (cn, 'hat by the door.'): (-5.0, 5, -40.0, ''),
+      (cn, 'mat by the door.'): (-3.0, 5, -40.0, ''),
       # NE: Anna (label 0) ties Bob at -30 - 2 = -32: wrong.
-      (ne, 'Anna , \'\' said Tom .'): (-2.0, 6, -30.0, ''),
-      (ne, 'Tom , \'\' said Tom .'): (-3.0, 6, -30.0, ''),
-      (ne, 'Bob , \'\' said Tom .'): (-2.0, 6, -30.0, ''),
+      (ne, 'Anna," said Tom.'): (-2.0, 6, -30.0, ''),
+      (ne, 'Bob," said Tom.'): (-2.0, 6, -30.0, ''),
       # P: the blank ends the query, options are the bare candidates.
-      # up (label 0) -1 beats -2, -3: right.
+      # up (label 0) -1 beats -2: right.
       (p, 'up'): (-1.0, 1, -20.0, ''),
       (p, 'down'): (-2.0, 1, -20.0, ''),
-      (p, 'in'): (-3.0, 1, -20.0, ''),
       # V: ran (label 0) -6 loses to sang -5: wrong.
-      (v, 'ran home .'): (-6.0, 3, -25.0, ''),
-      (v, 'sang home .'): (-5.0, 3, -25.0, ''),
-      (v, 'ate home .'): (-7.0, 3, -25.0, ''),
-  }
-  entry, _ = run('cbt', tmp_path, table)
-  # CN 1, NE 0, P 1, V 0 -> score (1 + 0 + 1 + 0) / 4 = 0.5; seq 2/4.
+      (v, 'ran home.'): (-6.0, 3, -25.0, ''),
+      (v, 'sang home.'): (-5.0, 3, -25.0, ''),
+  })
+  entry, pairs = run('cbt', tmp_path, table)
+  # One item per group (the 9-candidate NE example skipped): CN 1, NE 0,
+  # P 1, V 0 -> score (1 + 0 + 1 + 0) / 4 = 0.5; seq 2/4.
   assert entry['score'] == 0.5 and entry['seq_average'] == 0.5
   assert entry['rule'] == 'sum' and entry['count'] == 4
   assert list(entry['groups']) == ['CN', 'NE', 'P', 'V']
-  assert cn.endswith('cn sentence 20 . The cat sat on the')
-  assert cn.startswith('cn sentence 1 . cn sentence 2 .')
+  assert len(pairs) == 40
+  assert pairs[10] == (
+      'ne sentence 1. ne sentence 2. ne sentence 3. ne sentence 4. '
+      'ne sentence 5. ne sentence 6. ne sentence 7. ne sentence 8. '
+      'ne sentence 9. ne sentence 10. ne sentence 11. ne sentence 12. '
+      'ne sentence 13. ne sentence 14. ne sentence 15. ne sentence 16. '
+      'ne sentence 17. ne sentence 18. ne sentence 19. ne sentence 20. '
+      '"Hello,', 'Anna," said Tom.')
+
+
+def test_cbt_detokenises_context_lines(tmp_path):
+  """A CBTest snippet with PTB spacing in the context lines."""
+  d = tmp_path / 'cbt'
+  lines = ["1 `` Come here , '' said Mother .",
+           "2 The boy did n't move ; he was n't sure ."]
+  lines += [f'{i} Line {i} !' for i in range(3, 21)]
+  lines += ["21 `` Where is XXXXX ? '' asked the girl .\tTom\t\t"
+            'Tom|Mary|Bob|Ann|Sam|Joe|Kim|Lee|Max|Pat', '']
+  for group in ('CN', 'NE', 'P', 'V'):
+    write_lines(d / f'cbtest_{group}_test_2500ex.txt', lines)
+  items = tasks.TASKS['cbt'].load(str(d))
+  assert len(items) == 4
+  item = items[0]
+  # By hand: `` -> ", '' -> ", ' ,' -> ',', ' .' -> '.', " n't" -> "n't",
+  # ' ;' -> ';', ' !' -> '!', ' ?' -> '?'.
+  assert item.context == (
+      '"Come here," said Mother. The boy didn\'t move; he wasn\'t sure. ' +
+      ' '.join(f'Line {i}!' for i in range(3, 21)) + ' "Where is')
+  assert item.options[:2] == ('Tom?" asked the girl.',
+                              'Mary?" asked the girl.')
+  assert item.label == 0 and len(item.options) == 10
 
 
 def test_hellaswag_golden(tmp_path):
@@ -388,8 +451,8 @@ def test_race_golden(tmp_path):
        [-8, -1, -9, -9], [1, 1, 1, 1]),
   ]:
     for option, lp, n in zip(options, logprobs, ntok):
-      # No leading space before RACE options.
-      table[(prompt(art, q), option)] = (float(lp), n, -50.0, '')
+      # ' ' + option, as LibMoE's race.py encodes it.
+      table[(prompt(art, q), ' ' + option)] = (float(lp), n, -50.0, '')
   entry, pairs = run('race', tmp_path, table)
   # high: 2/3, middle: 0/1 -> score (2/3 + 0) / 2 = 1/3; seq 2/4 = 0.5.
   assert entry['score'] == pytest.approx(1 / 3)
@@ -418,17 +481,17 @@ def test_siqa_golden(tmp_path):
                 prompt('Ann won.', 'What next?'), prompt('Bo ate.', 'Why?'))
   table = {
       # Label 1 -> index 0 'sad': -1 beats -2, -3: right.
-      (p1, 'sad'): (-1.0, 1, -6.0, ''),
-      (p1, 'happy'): (-2.0, 1, -6.0, ''),
-      (p1, 'bored'): (-3.0, 1, -6.0, ''),
+      (p1, ' sad'): (-1.0, 1, -6.0, ''),
+      (p1, ' happy'): (-2.0, 1, -6.0, ''),
+      (p1, ' bored'): (-3.0, 1, -6.0, ''),
       # Label 2 -> 'celebrate': -6/3 = -2 ties 'sleep' -2/1: wrong.
-      (p2, 'cry'): (-9.0, 1, -6.0, ''),
-      (p2, 'celebrate'): (-6.0, 3, -6.0, ''),
-      (p2, 'sleep'): (-2.0, 1, -6.0, ''),
+      (p2, ' cry'): (-9.0, 1, -6.0, ''),
+      (p2, ' celebrate'): (-6.0, 3, -6.0, ''),
+      (p2, ' sleep'): (-2.0, 1, -6.0, ''),
       # Label 3 -> 'tired': -3/1 loses to 'hungry' -1: wrong.
-      (p3, 'hungry'): (-1.0, 1, -6.0, ''),
-      (p3, 'full'): (-5.0, 1, -6.0, ''),
-      (p3, 'tired'): (-3.0, 1, -6.0, ''),
+      (p3, ' hungry'): (-1.0, 1, -6.0, ''),
+      (p3, ' full'): (-5.0, 1, -6.0, ''),
+      (p3, ' tired'): (-3.0, 1, -6.0, ''),
   }
   entry, _ = run('siqa', tmp_path, table)
   # 1 of 3.
@@ -453,23 +516,23 @@ def test_commonsenseqa_golden(tmp_path):
   table = {
       # Label 'B' -> 'freezer': -6/3 = -2 beats 'oven' -3/1 = -3 (raw sum
       # would pick 'oven'): right.
-      (q('Where is ice?'), 'oven'): (-3.0, 1, -4.0, ''),
-      (q('Where is ice?'), 'freezer'): (-6.0, 3, -4.0, ''),
-      (q('Where is ice?'), 'sun'): (-9.0, 1, -4.0, ''),
+      (q('Where is ice?'), ' oven'): (-3.0, 1, -4.0, ''),
+      (q('Where is ice?'), ' freezer'): (-6.0, 3, -4.0, ''),
+      (q('Where is ice?'), ' sun'): (-9.0, 1, -4.0, ''),
       # Label 'A' -> 'dog' (index 0 in label order): -1 beats: right.
-      (q('What barks?'), 'dog'): (-1.0, 1, -4.0, ''),
-      (q('What barks?'), 'fish'): (-5.0, 1, -4.0, ''),
-      (q('What barks?'), 'cat'): (-2.0, 1, -4.0, ''),
+      (q('What barks?'), ' dog'): (-1.0, 1, -4.0, ''),
+      (q('What barks?'), ' fish'): (-5.0, 1, -4.0, ''),
+      (q('What barks?'), ' cat'): (-2.0, 1, -4.0, ''),
       # Label 'C' -> 'rain': ties 'sand' at -2: wrong.
-      (q('What is wet?'), 'sand'): (-2.0, 1, -4.0, ''),
-      (q('What is wet?'), 'dust'): (-7.0, 1, -4.0, ''),
-      (q('What is wet?'), 'rain'): (-4.0, 2, -4.0, ''),
+      (q('What is wet?'), ' sand'): (-2.0, 1, -4.0, ''),
+      (q('What is wet?'), ' dust'): (-7.0, 1, -4.0, ''),
+      (q('What is wet?'), ' rain'): (-4.0, 2, -4.0, ''),
   }
   entry, pairs = run('commonsenseqa', tmp_path, table)
   # 2 of 3.
   assert entry['score'] == pytest.approx(2 / 3)
   assert list(entry['groups']) == ['commonsenseqa']
-  assert [c for _, c in pairs[3:6]] == ['dog', 'fish', 'cat']
+  assert [c for _, c in pairs[3:6]] == [' dog', ' fish', ' cat']
 
 
 # --- errors ---------------------------------------------------------------
@@ -540,20 +603,21 @@ def test_bad_label_line_and_misaligned_labels(tmp_path):
 
 def test_malformed_cbt_lines(tmp_path):
   d = tmp_path / 'cbt'
+  XS = ['x'] + [f'y{i}' for i in range(9)]
   for group in ('CN', 'NE', 'P', 'V'):
     write_lines(d / f'cbtest_{group}_test_2500ex.txt', cbt_example(
-        group, 'A XXXXX b', 'x', ['x', 'y']))
+        group, 'A XXXXX b', 'x', XS))
   path = d / 'cbtest_NE_test_2500ex.txt'
-  lines = cbt_example('ne', 'A XXXXX b', 'x', ['x', 'y'])
+  lines = cbt_example('ne', 'A XXXXX b', 'x', XS)
   write_lines(path, lines[:3] + ['no number here'] + lines[3:])
   with pytest.raises(ValueError, match=re.escape(
       f'{path} line 4: expected a line number')):
     tasks.TASKS['cbt'].load(str(d))
-  write_lines(path, cbt_example('ne', 'A XXXXX b', 'z', ['x', 'y']))
+  write_lines(path, cbt_example('ne', 'A XXXXX b', 'z', XS))
   with pytest.raises(ValueError,
                      match=re.escape(f"{path} line 21: answer 'z'")):
     tasks.TASKS['cbt'].load(str(d))
-  write_lines(path, cbt_example('ne', 'no blank', 'x', ['x', 'y']))
+  write_lines(path, cbt_example('ne', 'no blank', 'x', XS))
   with pytest.raises(ValueError, match='line 21: the query must hold XXXXX'):
     tasks.TASKS['cbt'].load(str(d))
 
@@ -622,8 +686,11 @@ def test_real_prompts(lm_eval_data):
   assert siqa.context == ("Context: Tracy didn't go home that evening and "
                           "resisted Riley's attacks.\nQuestion: What does "
                           'Tracy need to do before this?\nAnswer:')
-  assert siqa.options == ('make a new plan', 'Go home and see Riley',
-                          'Find somewhere to go')
+  # LibMoE's siqa.py encodes ' ' + answer (the raw dev.jsonl line 1 has
+  # answerA 'make a new plan', answerB 'Go home and see Riley', answerC
+  # 'Find somewhere to go').
+  assert siqa.options == (' make a new plan', ' Go home and see Riley',
+                          ' Find somewhere to go')
   assert siqa.label == 2
 
 

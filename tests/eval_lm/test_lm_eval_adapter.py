@@ -26,6 +26,7 @@ import pytest
 
 from eval import lm_eval_adapter
 from eval import lm_eval_compare
+from eval import multiple_choice as mc
 from eval import tasks as tasks_lib
 from eval import text_scorer as text_scorer_lib
 from moe_jax import restore
@@ -375,3 +376,29 @@ def test_command_line(workdir, tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'piqa_local' in proc.stdout and 'arc_local' in proc.stdout
   assert list(out.rglob('results_*.json'))
+
+
+def test_target_delimiters_agree_with_the_native_readers():
+  """Every task whose native options start with LibMoE's ' ' (PIQA, ARC,
+  and, per LibMoE's siqa.py / race.py / commonsenseqa.py, SIQA, RACE and
+  CSQA) has target_delimiter " " in its YAML and in lm_eval_compare; the
+  others (BLiMP) have ""."""
+  import re
+  utils = load_task_utils()
+  assert set(utils.DELIMITED) == {'piqa', 'arc', 'race', 'siqa',
+                                  'commonsenseqa'}
+  assert lm_eval_compare.TARGET_DELIMITERS == {
+      t: ' ' for t in utils.DELIMITED}
+  yamls = {'piqa': 'piqa_local.yaml', 'arc': '_arc_local_template_yaml',
+           'race': '_race_local_template_yaml', 'siqa': 'siqa_local.yaml',
+           'commonsenseqa': 'commonsenseqa_local.yaml',
+           'blimp': '_blimp_local_template_yaml'}
+  for task, name in yamls.items():
+    text = (TASK_DIR / name).read_text()
+    found = re.findall(r'^target_delimiter: "(.*)"$', text, re.M)
+    assert found == [' ' if task in utils.DELIMITED else ''], (task, found)
+  # The documents hold the option without the delimiter.
+  item = mc.Item(
+      group='siqa', context='Context: c\nQuestion: q\nAnswer:',
+      options=(' yes', ' no'), label=0)
+  assert utils._document('siqa', item)['choices'] == ['yes', 'no']
