@@ -10,6 +10,11 @@ that train chosen by `train_only`. The model itself (width, heads,
 vocabulary, tokenizer) comes from the HF directory at start-up
 (moe_jax/convert/init_from_hf.py), whatever the LibMoE sizes say.
 
+Routers start from N(0, 0.02²) (upcycle.ROUTER_STD, algorithms.md §10.1):
+`config.moe.router_options.init_std` is set to it here, replacing the LM
+size preset's std, and a `--config.moe.router_options.init_std=S` override
+is what the upcycled routers are drawn with.
+
 Config arguments (`file.py:key=value,...`):
   tiny: a CPU run of a few minutes (synthetic data, 4 experts top-2).
   train_only: 'all' (default) | 'moe' (the MoE layers only: experts, shared
@@ -22,6 +27,7 @@ import ml_collections
 
 from moe_jax import config_lib
 from moe_jax import router_recipes
+from moe_jax.convert import upcycle
 
 ConfigDict = ml_collections.ConfigDict
 
@@ -48,6 +54,9 @@ def experiment(router: str, arg: str | None) -> ConfigDict:
   # so the upcycled model computes the dense function at step 0.
   init.upcycle.shared_experts = 1 if router.startswith('deepseek') else 0
   init.upcycle.shared_mix = 'half'
+  # Router init N(0, 0.02²) (§10.1, LibMoE std_gate), not the LM size
+  # preset's s / sqrt(d): override with --config.moe.router_options.init_std.
+  config.moe.router_options.init_std = upcycle.ROUTER_STD
   train = config.train
   # An already trained model: a small peak rate after a short warmup.
   train.learning_rate = 1e-3 if args.tiny else 2e-5

@@ -9,9 +9,17 @@ kernels here; the Llama MLP's gate and up projections become the dense
 FFN's one `w_in` [D, 2I] = [gate | up] (SwiGLU); Phi-3's fused qkv and
 gate_up projections are split / kept along the same axes.
 
-Families: Llama (also Mistral, whose sliding window is refused unless it
-covers the whole context), Qwen2 (q/k/v biases), Qwen3 (per-head q/k
+Families: Llama (also Mistral), Qwen2 (q/k/v biases), Qwen3 (per-head q/k
 RMSNorm), Phi-3 (fused qkv and gate_up).
+
+Refused, each with an error naming the config.json field: sliding-window
+attention narrower than the context (`sliding_window` < max_position_
+embeddings; Phi-3 and Mistral window every layer, Qwen2 / Qwen3 only with
+`use_sliding_window` and in the layers `layer_types` / `max_window_layers`
+mark sliding, so real Phi-3-mini-4k, window 2047 of 4096, is refused), a
+`hidden_act` other than silu, `mlp_bias` (Llama's MLP biases) and a
+`partial_rotary_factor` that rotates an odd number of dims per head
+(transformers rounds that up to the next even width, moe_jax down).
 
 Dimension legend: V vocabulary, D model width, H heads, K kv heads, Dh head
 width, I MLP width.
@@ -86,8 +94,67 @@ def _rope(hf: Mapping[str, Any]) -> dict[str, Any]:
                        hf['max_position_embeddings'])
   fraction = params.get('partial_rotary_factor',
                         hf.get('partial_rotary_factor', 1.0))
+  check_rotary(hf, float(fraction))
   return {'rope_theta': float(theta), 'rope_fraction': float(fraction),
           'rope_scaling': scaling if kind != 'default' else None}
+
+
+def check_rotary(hf: Mapping[str, Any], fraction: float) -> None:
+  """Refuses a partial_rotary_factor that rotates an odd number of dims.
+
+  transformers rotates int(Dh · factor) dims, rounded up to an even width
+  by its arange(0, dims, 2) frequencies (Phi-3: 9 -> 10); moe_jax rotates
+  the even number below (models/rope.rotary_dims, 9 -> 8): the two agree
+  only on an even width.
+  """
+  head_dim = hf.get('head_dim') or (hf['hidden_size'] //
+                                    hf['num_attention_heads'])
+  rotated = int(head_dim * fraction)
+  if rotated % 2:
+    raise ValueError(
+        f'config.json partial_rotary_factor={fraction}: head_dim={head_dim}'
+        f' x {fraction} = {rotated} rotated dims per head is odd; moe_jax '
+        'rotates an even number of dims (expected a factor giving an even '
+        'width)')
+
+
+def sliding_window(hf: Mapping[str, Any], family: str) -> int | None:
+  """The attention window transformers applies to some layer, or None.
+
+  Qwen2 / Qwen3 keep a `sliding_window` value that only takes effect with
+  `use_sliding_window`, and then only in the layers that `layer_types`
+  marks 'sliding_attention' (Qwen2Config / Qwen3Config default: layer index
+  >= `max_window_layers`). Llama / Mistral / Phi-3 window every layer.
+  (The Qwen MoE configs lay their windows out otherwise: moe_families.py.)
+  """
+  window = hf.get('sliding_window')
+  if family in ('qwen2', 'qwen3'):
+    if not hf.get('use_sliding_window'):
+      return None
+    types = hf.get('layer_types') or [
+        'sliding_attention' if i >= hf.get('max_window_layers', 28)
+        else 'full_attention' for i in range(hf['num_hidden_layers'])]
+    if 'sliding_attention' not in types:
+      return None
+  return window
+
+
+def check_window(hf: Mapping[str, Any], family: str) -> None:
+  """Refuses sliding-window attention narrower than the context.
+
+  A window of at least max_position_embeddings never masks a token the
+  model can see (transformers keeps keys with q - k < window).
+  """
+  window = sliding_window(hf, family)
+  context = hf.get('max_position_embeddings', 0)
+  if window is not None and window < context:
+    flag = (' with use_sliding_window=true' if hf.get('use_sliding_window')
+            else '')
+    raise ValueError(
+        f'config.json sliding_window={window}{flag}: narrower than '
+        f'max_position_embeddings={context}; sliding-window attention is '
+        'not implemented (expected sliding_window null or >= '
+        'max_position_embeddings)')
 
 
 def dims(hf: Mapping[str, Any]) -> dict[str, int]:
@@ -103,13 +170,11 @@ def model_kwargs(hf: Mapping[str, Any], family: str) -> dict[str, Any]:
   if hf.get('hidden_act', 'silu') != 'silu':
     raise ValueError(f"config.json hidden_act {hf['hidden_act']!r}: the "
                      f"{family} family's MLP is SwiGLU ('silu')")
-  if family == 'llama' and hf.get('sliding_window'):
-    # A window at least the context length never masks anything.
-    if hf['sliding_window'] < hf.get('max_position_embeddings', 0):
-      raise ValueError(
-          f"config.json sliding_window={hf['sliding_window']} < "
-          f"max_position_embeddings={hf['max_position_embeddings']}: "
-          'sliding-window attention is not implemented')
+  if hf.get('mlp_bias'):
+    raise ValueError(f"config.json mlp_bias={hf['mlp_bias']!r}: the "
+                     f"{family} family's MLP is imported bias-free "
+                     '(expected false)')
+  check_window(hf, family)
   d = dims(hf)
   bias = 'none'
   if family == 'qwen2':

@@ -10,8 +10,14 @@ write exactly what moe_families.py imports (`norm_topk_prob` always).
 Targets:
 
   dense      Llama, Qwen2 or Qwen3 by the attention (q/k/v biases ->
-             Qwen2, per-head q/k norm -> Qwen3, otherwise Llama)
+             Qwen2, per-head q/k norm -> Qwen3, otherwise Llama). Qwen3's
+             `attention_bias` gives q/k/v AND o_proj biases: a per-head
+             normed model with q/k/v biases only gets a zero o_proj bias.
+             q/k norm over the whole projection (qk_norm='full') has no
+             dense class and is refused.
   phi3       Phi-3: fused qkv_proj and gate_up_proj, partial rotary factor
+             (an even number of rotated dims per head), no rope_scaling
+             (Phi-3 reads only longrope, which moe_jax does not implement)
   mixtral    softmax top-k renormalised (`smoe`), no shared expert, no
              attention biases, no q/k norms
   qwen2_moe  softmax top-k (renormalised or not) with q/k/v biases (zeros
@@ -86,8 +92,12 @@ HOLDERS = {
     'sigmoid': ('glm4_moe (zero bias, renormalised or not)',),
     'deepseek_v3': ('glm4_moe',),
 }
+# transformers 5 writes a chat template to chat_template.jinja (4.x kept
+# it in tokenizer_config.json); added_tokens.json holds slow tokenizers'
+# added tokens.
 TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json',
-                   'special_tokens_map.json', 'tokenizer.model')
+                   'special_tokens_map.json', 'tokenizer.model',
+                   'chat_template.jinja', 'added_tokens.json')
 # Attention biases each projection has under our attention_bias.
 _BIASED = {'none': (), 'qkv': ('q', 'k', 'v'), 'all': ('q', 'k', 'v', 'o')}
 
@@ -115,6 +125,8 @@ def _torch(kernel) -> np.ndarray:
 def _refuse(ok: bool, what: str, target: str, router: str | None) -> None:
   if ok:
     return
+  if router is None:                       # a dense model: no router hint
+    raise ExportError(f'--to={target}: {what}')
   holders = HOLDERS.get(router or '', ())
   hint = (f'classes that hold router {router!r}: {", ".join(holders)}'
           if holders else f'no stock Hugging Face class holds router '
@@ -202,6 +214,26 @@ def _check_attention(kwargs: Mapping[str, Any], target: str, refuse) -> None:
            'head; Llama-family targets rotate all of it')
 
 
+def _check_phi3_rope(kwargs: Mapping[str, Any], refuse) -> None:
+  """Refuses the RoPE a Phi3ForCausalLM cannot compute as the model does.
+
+  Phi-3 takes rope_scaling only as longrope (which moe_jax lacks), and
+  rotates int(Dh · f) dims rounded up to even (moe_jax: down), so only an
+  even rotated width agrees.
+  """
+  scaling = kwargs.get('rope_scaling') or {}
+  kind = scaling.get('rope_type', scaling.get('type', 'default'))
+  refuse(kind == 'default',
+         f'rope_scaling of rope_type {kind!r}: Phi-3 accepts rope_scaling '
+         "None (rope_type 'default') or 'longrope', which moe_jax does not "
+         'implement; use --to=dense for linear / llama3 / yarn')
+  ours, theirs = _rotated_dims(dict(kwargs, rope_fraction=kwargs.get(
+      'rope_fraction', 1.0)))
+  refuse(ours == theirs,
+         f"Phi-3 rotates int(head_dim x partial_rotary_factor) = {theirs} "
+         f'dims per head (an odd width), the model {ours}')
+
+
 def check_exportable(kwargs: Mapping[str, Any], target: str) -> None:
   """Raises ExportError naming what `target` cannot hold."""
   if target not in TARGETS:
@@ -223,6 +255,7 @@ def check_exportable(kwargs: Mapping[str, Any], target: str) -> None:
     refuse(kwargs.get('attention_bias', 'none') == 'none' and
            kwargs.get('qk_norm', 'none') == 'none',
            'Phi-3 attention has no biases and no q/k norm')
+    _check_phi3_rope(kwargs, refuse)
     return
   if target == 'dense':
     refuse(kwargs.get('rope_fraction') == 1.0,
@@ -230,6 +263,10 @@ def check_exportable(kwargs: Mapping[str, Any], target: str) -> None:
            'head; Llama-family targets rotate all of it')
     refuse(bool(kwargs.get('dense_ffn')), 'an MoE model needs an MoE '
            'target')
+    refuse(kwargs.get('qk_norm', 'none') in ('none', 'per_head'),
+           f"qk_norm={kwargs.get('qk_norm')!r} (q/k RMSNorm over the whole "
+           "projection) has no dense class; Qwen3 holds qk_norm='per_head', "
+           "Llama and Qwen2 'none'")
     return
   refuse(not kwargs.get('dense_ffn'), 'a dense model has no experts; use '
          '--to=dense')
@@ -324,7 +361,9 @@ def hf_config(kwargs: Mapping[str, Any], target: str,
       extra.update(attention_bias=kwargs.get('attention_bias') == 'all',
                    mlp_bias=False)
     if model_type == 'qwen3':
-      extra.update(attention_bias=kwargs.get('attention_bias') == 'all')
+      # One flag for q/k/v and o biases (a zero o_proj bias fills 'qkv').
+      extra.update(attention_bias=kwargs.get('attention_bias',
+                                             'none') != 'none')
     return _common_config(kwargs, dict(extra, model_type=model_type,
                                        architectures=[arch]))
   model_type, arch, _ = MOE_CLASSES[target]
@@ -382,9 +421,11 @@ def hf_config(kwargs: Mapping[str, Any], target: str,
 def _zero_biases(kwargs: Mapping[str, Any], target: str) -> tuple[str, ...]:
   """Projections whose bias the class has and the model lacks (zeros)."""
   bias = kwargs.get('attention_bias', 'none')
+  qwen3 = (target == 'dense' and
+           dense_architecture(kwargs)[0] == 'qwen3')
   if target == 'qwen2_moe':
     want = _BIASED['qkv']
-  elif target in ('qwen3_moe', 'olmoe') and bias != 'none':
+  elif (target in ('qwen3_moe', 'olmoe') or qwen3) and bias != 'none':
     want = _BIASED['all']
   else:
     want = _BIASED[bias]

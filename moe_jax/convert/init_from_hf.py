@@ -13,6 +13,12 @@ the same model.
 
 `initial_variables(config)` gives the imported (and upcycled) parameters
 that replace the random init of a fresh run.
+
+Upcycled routers are drawn with `config.moe.router_options` (init_std
+included): the configs/upcycle/*.py experiments set init_std to
+upcycle.ROUTER_STD = 0.02 (algorithms.md §10.1, LibMoE's std_gate), so
+`--config.moe.router_options.init_std=S` is how a run asks for another std.
+A plain LM config given init.upcycle.router keeps its size preset's std.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import ml_collections
 
 from moe_jax.convert import families
 from moe_jax.convert import hf_import
+from moe_jax.convert import moe_families
 from moe_jax.convert import upcycle
 
 ConfigDict = ml_collections.ConfigDict
@@ -38,6 +45,20 @@ def _upcycle_settings(config: ConfigDict) -> dict[str, Any]:
               router_options=config.moe.router_options.to_dict())
 
 
+def _refuse_moe(hf: dict[str, Any], hf_dir: str) -> None:
+  """A clear error for an MoE checkpoint: runs start from dense models."""
+  family = moe_families.family_of(hf)
+  if family:
+    raise ValueError(
+        f"{os.path.join(hf_dir, 'config.json')}: architectures "
+        f"{hf['architectures']} is an MoE checkpoint (family {family}); "
+        'config.init.hf_path (and `python -m moe_jax.convert import / '
+        'upcycle`) start runs from a dense Llama / Mistral / Qwen2 / Qwen3 '
+        '/ Phi-3 model only. `python -m moe_jax.convert inspect '
+        '--hf_dir=DIR` shows how it maps, and moe_jax.convert.hf_import.'
+        'import_hf(DIR) loads it as a TransformerLM in Python')
+
+
 def resolve(config: ConfigDict) -> None:
   """Fills config.model / moe / dense / data from config.init.hf_path."""
   hf_dir = config.init.hf_path
@@ -46,6 +67,7 @@ def resolve(config: ConfigDict) -> None:
                             'directory (expected a Hugging Face model '
                             'directory with config.json and safetensors)')
   hf = hf_import.read_hf_config(hf_dir)
+  _refuse_moe(hf, hf_dir)
   family = families.family_of(hf, os.path.join(hf_dir, 'config.json'))
   kwargs = families.model_kwargs(hf, family)
   ffn = kwargs.pop('ffn')

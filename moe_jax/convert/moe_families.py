@@ -195,6 +195,7 @@ def model_kwargs(hf: Mapping[str, Any], family: str, *,
   if family == 'glm4_moe' and 'partial_rotary_factor' not in {
       **hf, **(hf.get('rope_parameters') or {})}:
     rope['rope_fraction'] = 0.5            # Glm4MoeConfig's default
+    families.check_rotary(hf, 0.5)
   return dict(
       vocab_size=d['V'], d_model=d['D'], num_layers=d['L'],
       num_heads=d['H'], head_dim=d['Dh'], num_kv_heads=d['K'],
