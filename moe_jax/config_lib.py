@@ -314,6 +314,16 @@ def validate(config: ConfigDict, num_devices: int | None = None) -> None:
           data.source)
   require(data.seq_len == train.seq_len, 'data.seq_len',
           f'train.seq_len={train.seq_len}', data.seq_len)
+  max_tokens = data.get('max_tokens')
+  require(max_tokens is None or (isinstance(max_tokens, int) and
+                                 max_tokens >= 0), 'data.max_tokens',
+          'None or an integer >= 0 (None, 0: the whole source)', max_tokens)
+  shard_seed = data.get('shard_seed')
+  require(shard_seed is None or (isinstance(shard_seed, int) and
+                                 not isinstance(shard_seed, bool) and
+                                 shard_seed >= 0), 'data.shard_seed',
+          'None (sorted shard order) or an integer >= 0 (LibMoE: 123)',
+          shard_seed)
   if data.source in ('files', 'array_record'):
     require(bool(data.train_path), 'data.train_path',
             f'a path for data.source={data.source!r}', data.train_path)

@@ -261,7 +261,8 @@ def _init_config() -> ConfigDict:
   return init
 
 
-def _data_config(p: dict, tiny: bool, seq_len_ref) -> ConfigDict:
+def _data_config(p: dict, tiny: bool, train: ConfigDict) -> ConfigDict:
+  seq_len_ref = train.get_ref('seq_len')
   data = ConfigDict()
   # 'files' (text / JSON-lines / Parquet files or dirs) | 'array_record' |
   # 'tfds' | 'synthetic' (built-in multi-domain corpus, no files needed).
@@ -294,11 +295,24 @@ def _data_config(p: dict, tiny: bool, seq_len_ref) -> ConfigDict:
   data.split_digits = True
   # Seed of the window shuffle (LibMoE: 123).
   data.shuffle_seed = 123
+  # Seed of the shard order: the sorted files of train_path and of eval_path
+  # are each read in the order np.random.default_rng(seed).permutation (LibMoE:
+  # 123, algorithms.md §6.3); a trained tokenizer reads the training text in
+  # that order. None: sorted order.
+  data.shard_seed = 123
   # Tokens per window minus one; tied to train.seq_len.
   data.seq_len = seq_len_ref
-  # Cap on training-stream tokens (LibMoE tokenises steps x batch x (S+1)
-  # plus 100 steps); None: the whole source.
+  # Cap on training-stream tokens; None or 0: the whole source. Full sizes:
+  # (train.steps + 100) x train.global_batch x (train.seq_len + 1), LibMoE's
+  # (stop_after + 100) steps of batches (algorithms.md §6.3; its windows
+  # overlap by a token, ours hold S + 1 tokens each); it follows overrides
+  # of those three fields unless set. Tiny: None (the small synthetic
+  # corpus, whole).
   data.max_tokens = config_dict.placeholder(int)
+  if not tiny:
+    data.get_ref('max_tokens').set(
+        (train.get_ref('steps') + 100) * train.get_ref('global_batch') *
+        (seq_len_ref + 1))
   # Cap on validation-source tokens; None: all of eval_path.
   data.max_valid_tokens = config_dict.placeholder(int)
   # Token cache directory; '' means <workdir>/cache.
@@ -429,7 +443,7 @@ def base_config(router: str, size: str,
   config.model_name = 'decoder'
 
   config.train = _train_config(p, tiny)
-  config.data = _data_config(p, tiny, config.train.get_ref('seq_len'))
+  config.data = _data_config(p, tiny, config.train)
   config.mesh = _mesh_config()
 
   model = ConfigDict()

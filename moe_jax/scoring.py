@@ -79,40 +79,63 @@ def eval_step(params, router_state, step, batch: dict[str, jax.Array], *,
               model) -> dict[str, jax.Array]:
   """Mean CE and next-token accuracy of one batch {'inputs', 'targets'}
   [B, S] (weighted by its 'loss_mask' when it has one), in eval mode (no
-  router noise, no state updates)."""
+  router noise, no state updates), and the batch's token weight: B·S, or
+  the sum of its loss mask. `mean_over_batches` weights each batch by it,
+  so a validation set's loss is its summed NLL over its total weight."""
   logits, _ = apply_model(model, params, router_state, batch['inputs'],
                           train=False, step=step, **model_inputs(batch))
-  ce, accuracy = token_cross_entropy(logits, batch['targets'],
-                                     batch.get(LOSS_MASK))
-  return {'ce': ce, 'accuracy': accuracy}
+  weights = batch.get(LOSS_MASK)
+  ce, accuracy = token_cross_entropy(logits, batch['targets'], weights)
+  tokens = (jnp.asarray(batch['targets'].size, jnp.float32) if weights is None
+            else jnp.sum(weights.astype(jnp.float32)))
+  return {'ce': ce, 'accuracy': accuracy, 'tokens': tokens}
 
 
 def mean_over_batches(outputs: Iterable[dict[str, Any]]) -> dict[str, float]:
-  """Validation summary from per-batch {'ce', 'accuracy'}: the mean CE as
-  'loss', its perplexity, the mean accuracy and the batch count."""
+  """Validation summary from per-batch {'ce', 'accuracy'[, 'tokens']}.
+
+  Each batch's mean CE and accuracy are weighted by its token weight
+  'tokens' (1 when absent): 'loss' = Σ_b tokens_b·ce_b / Σ_b tokens_b, the
+  summed NLL of the set over its total weight, so a batch with few scored
+  tokens (a VLM batch mostly masked out) counts for its tokens, not as a
+  whole batch. The sums are float64 on the host; batches of equal weight
+  give exactly the mean of their means. Also its perplexity, the accuracy
+  and the batch count.
+
+  Raises:
+    ValueError: no batches, or batches whose weights sum to 0.
+  """
   totals = {'ce': 0.0, 'accuracy': 0.0}
-  count = 0
+  weight, count = 0.0, 0
   for out in outputs:
     out = jax.device_get(out)
+    tokens = float(out.get('tokens', 1.0))
     for key in totals:
-      totals[key] += float(out[key])
+      # A batch of weight 0 adds nothing (its mean is 0 by convention).
+      totals[key] += float(out[key]) * tokens
+    weight += tokens
     count += 1
   if not count:
     raise ValueError('no validation batches to score (is the evaluation set '
                      'empty? config.train.eval_batches)')
-  ce = totals['ce'] / count
+  if weight <= 0:
+    raise ValueError(f'the {count} validation batches score no token (their '
+                     'loss_mask is 0 everywhere): check the validation data '
+                     '(config.data.eval_path)')
+  ce = totals['ce'] / weight
   # exp of a diverged loss would overflow; cap it for the log.
   return {'loss': ce, 'ppl': math.exp(min(ce, 50.0)),
-          'accuracy': totals['accuracy'] / count, 'batches': count}
+          'accuracy': totals['accuracy'] / weight, 'batches': count}
 
 
 def evaluate(score_batch: Callable[[dict], dict],
              batches: Iterable[dict]) -> dict[str, float]:
-  """Validation loss (mean CE), perplexity and accuracy over `batches`.
+  """Validation loss (token-weighted mean CE), perplexity and accuracy over
+  `batches`.
 
   Args:
-    score_batch: batch -> {'ce', 'accuracy'} (a jitted eval_step with the
-      variables bound).
+    score_batch: batch -> {'ce', 'accuracy', 'tokens'} (a jitted eval_step
+      with the variables bound); without 'tokens' every batch weighs 1.
     batches: {'inputs', 'targets'} batches, ready for score_batch.
   """
   return mean_over_batches(score_batch(batch) for batch in batches)

@@ -24,12 +24,13 @@ vocabulary, L layers, E' router width.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
 import os
 import time
-from typing import Any
+from typing import Any, Iterator
 
 from absl import logging
 import flax.linen as nn
@@ -130,6 +131,27 @@ def _set(tree, path, value):
     new = _set(_get(tree, path[:1]), path[1:], value)
     return jax.tree.map(lambda a, v: a.at[path[0]].set(v), tree, new)
   return {**tree, path[0]: _set(tree[path[0]], path[1:], value)}
+
+
+def load_stats(counts: jax.Array) -> dict[str, jax.Array]:
+  """Load statistics of selection counts [L, E'] (one row per aux entry).
+
+  The definitions of moe/metrics.py (algorithms.md §9), applied to counts
+  summed over a step's micro-batches:
+    dead_experts   [L] slots with no selection;
+    max_mean_load  [L] max_e count / mean_e count (1 = balanced);
+    load_cv        [L] std_e count / mean_e count;
+    expert_load    [L, E'] counts / total selections.
+  """
+  counts = counts.astype(jnp.float32)
+  total = jnp.maximum(jnp.sum(counts, axis=-1, keepdims=True), 1.0)  # [L, 1]
+  mean = total[:, 0] / counts.shape[-1]                          # [L]
+  return {
+      'dead_experts': jnp.sum(counts == 0, axis=-1).astype(jnp.float32),
+      'max_mean_load': jnp.max(counts, axis=-1) / mean,
+      'load_cv': jnp.std(counts, axis=-1) / mean,
+      'expert_load': counts / total,
+  }
 
 
 def router_post_update(params, router_state, expert_counts, *, spec,
@@ -238,11 +260,16 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model,
   zeros = jax.tree.map(jnp.zeros_like, state.params)
   grads, (losses, stats) = jax.lax.scan(
       one, zeros, (jnp.arange(accum), micro))
-  # Mean over micro-batches, except expert counts, which add up.
+  # Mean over micro-batches, except expert counts, which add up; the load
+  # statistics are those of the step's summed counts, so they do not change
+  # with train.grad_accum.
   layers = stats.pop('layers')
   stats = jax.tree.map(lambda x: jnp.mean(x, axis=0), stats)
-  counts = layers.pop('expert_counts', None)
+  counts = layers.pop('expert_counts', None)                   # [A, L, E']
   layers = jax.tree.map(lambda x: jnp.mean(x, axis=0), layers)
+  if counts is not None:
+    counts = jnp.sum(counts, axis=0)                             # [L, E']
+    layers.update(load_stats(counts))
 
   grad_norm = optax.global_norm(grads)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -251,7 +278,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model,
   spec = router_lib.ROUTERS.get(settings.router) if settings.router else None
   if spec is not None and spec.post_update is not None:
     params, router_state = router_post_update(
-        params, router_state, jnp.sum(counts, axis=0), spec=spec,
+        params, router_state, counts, spec=spec,
         router_config=settings.router_config,
         router_paths=settings.router_paths)
   router_hook = state.router_hook
@@ -435,6 +462,11 @@ class _MetricsWriter:
   a checkpoint covers has its record on disk before the checkpoint is saved
   (a resumed run never re-runs those steps), and a NaN stop writes the
   records of the good steps before it.
+
+  Throughput (tokens_per_s, samples_per_s, mfu, and the ETA) is measured
+  per interval between flushes, over training steps only: the first step
+  (compilation) is left out, and so is the time spent inside `paused()`
+  (validation, zero-shot evaluation, traces, checkpoint saves).
   """
 
   def __init__(self, log: run_log_lib.RunLog, checkpoints, *,
@@ -446,7 +478,9 @@ class _MetricsWriter:
     self.flops_per_token, self.peak = flops_per_token, peak
     self.pending: list[tuple[int, dict]] = []
     self.first_loss = self.last_loss = None
-    self.timer_start, self.timer_steps = None, 0
+    # The current interval: its start, its timed steps and the seconds
+    # inside paused() since its start.
+    self.timer_start, self.timer_steps, self.paused_seconds = None, 0, 0.0
 
   def add(self, step: int, metrics: dict) -> None:
     self.pending.append((step, metrics))
@@ -454,19 +488,44 @@ class _MetricsWriter:
       # Compilation happens in the first step: time from its end.
       jax.block_until_ready(metrics['loss'])
       self.timer_start, self.timer_steps = time.perf_counter(), 0
+      self.paused_seconds = 0.0
     else:
       self.timer_steps += 1
+
+  def _wait_for_steps(self) -> None:
+    """Blocks until the pending steps have run (dispatch is asynchronous)."""
+    if self.pending:
+      jax.block_until_ready(self.pending[-1][1]['loss'])
+
+  @contextlib.contextmanager
+  def paused(self) -> Iterator[None]:
+    """Time spent in the block is not training time (validation, ...)."""
+    if self.timer_start is None:
+      yield
+      return
+    # The steps dispatched before the block are training time.
+    self._wait_for_steps()
+    start = time.perf_counter()
+    try:
+      yield
+    finally:
+      self.paused_seconds += time.perf_counter() - start
 
   def flush(self, *, progress: bool) -> None:
     """Writes the pending records (raises TrainingDiverged on a NaN)."""
     if not self.pending:
       return
+    self._wait_for_steps()
+    now = time.perf_counter()
+    seconds = now - self.timer_start - self.paused_seconds
+    steps = self.timer_steps
+    # The next interval starts here.
+    self.timer_start, self.timer_steps, self.paused_seconds = now, 0, 0.0
     bad = _first_non_finite(self.pending)
     good = self.pending if bad is None else self.pending[:bad[0]]
     step = self.pending[-1][0]
-    seconds = time.perf_counter() - self.timer_start
-    rate = (self.timer_steps * self.tokens_per_step / seconds
-            if self.timer_steps else 0.0)
+    rate = (steps * self.tokens_per_step / seconds
+            if steps and seconds > 0 else 0.0)
     for s, m in good:
       record = _host(m)
       if s == step:
@@ -487,8 +546,8 @@ class _MetricsWriter:
       raise TrainingDiverged(_divergence_message(
           bad[1], good[-1][0] + 1 if good else step, self.checkpoints))
     if progress:
-      eta = ((self.stop - step) * seconds / self.timer_steps
-             if self.timer_steps else None)
+      eta = ((self.stop - step) * seconds / steps if steps and seconds > 0
+             else None)
       self.log.progress(step, record, rate, eta)
 
 
@@ -639,7 +698,8 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
       valid_loss = None
       if pipeline.valid is not None and (
           step % train_cfg.eval_every == 0 or step == train_cfg.steps):
-        valid = validate_now()
+        with writer.paused():
+          valid = validate_now()
         valid_loss = valid['loss']
         summary['valid'] = valid
         log.write('valid', step, valid)
@@ -648,7 +708,8 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
                      valid['accuracy'])
       if zero_shot_fn is not None and (
           step % train_cfg.eval_tasks_every == 0 or step == train_cfg.steps):
-        scores = zero_shot_fn(state)
+        with writer.paused():
+          scores = zero_shot_fn(state)
         log.write(zero_shot.SPLIT, step, scores)
         logging.info('step %d zero-shot (at most %d items per group): %s',
                      step, train_cfg.eval_tasks_max_examples,
@@ -656,7 +717,8 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
                                 scores.items()))
       if route_fn is not None and (step % train_cfg.trace_every == 0 or
                                    step == train_cfg.steps):
-        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        with writer.paused(), jax.set_mesh(mesh), nn.logical_axis_rules(
+            rules):
           traced = tracing.trace_state(
               route_fn, state.params, state.router_state, pipeline,
               os.path.join(workdir, 'traces'), step)
@@ -665,8 +727,9 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
       if step % train_cfg.checkpoint_every == 0 or last:
         # The records of every step this checkpoint covers go first.
         writer.flush(progress=False)
-        save_start = time.perf_counter()
-        checkpoints.save(step, state, train_iter.get_state(), valid_loss)
+        with writer.paused():
+          save_start = time.perf_counter()
+          checkpoints.save(step, state, train_iter.get_state(), valid_loss)
         logging.info('checkpoint %d: save started in %.2f s (written in the '
                      'background)', step, time.perf_counter() - save_start)
     summary['step'] = step

@@ -3,7 +3,9 @@
 tests/fixtures/config_snapshot.json was written by
 tests/fixtures/snapshot_configs.py at commit 821ade2, before moving code
 between modules; moving code must not change what a config file means. The
-fields added since, on purpose, are listed in ADDED with their values.
+fields added since, on purpose, are listed in ADDED with their values;
+defaults changed on purpose in CHANGED, and data.max_tokens (None before)
+is checked against LibMoE's token cap by libmoe_token_cap.
 """
 
 import importlib.util
@@ -45,6 +47,8 @@ ADDED = {
     'train.eval_tasks_max_examples': 50,
     'eval': {'tasks': 'all', 'data_dir': 'data/lm_eval', 'max_examples': 0,
              'step': -1, 'select': 'newest', 'batch_size': 32},
+    # LibMoE permutes its shard lists with default_rng(123) (§6.3).
+    'data.shard_seed': 123,
 }
 # Defaults changed after the snapshot, on purpose: {dotted path: (value in
 # the snapshot, value now)}; other values of the field are unchanged.
@@ -55,6 +59,19 @@ CHANGED = {
     # Issue 16: the stacked [L] axis of train.layer_loop='scan' is replicated.
     'mesh.rules': (_RULES, _RULES + [['layers', None]]),
 }
+
+
+
+
+def libmoe_token_cap(case: str, config: dict):
+  """data.max_tokens now (None in the snapshot): LibMoE tokenises
+  (stop_after + 100) steps of batches (§6.3), for the full-size configs;
+  the tiny ones keep their whole synthetic corpus."""
+  if 'tiny' in case.partition(':')[2].split(','):
+    return None
+  train = config['train']
+  return (train['steps'] + 100) * train['global_batch'] * (
+      train['seq_len'] + 1)
 
 
 def test_snapshot_covers_every_config_file():
@@ -72,6 +89,8 @@ def test_config_resolves_as_before(case):
     for parent in parents:
       node = node[parent]
     assert node.pop(leaf) == value
+  assert now['data']['max_tokens'] == libmoe_token_cap(case, now)
+  now['data']['max_tokens'] = None
   for name, (before, after) in CHANGED.items():
     *parents, leaf = name.split('.')
     node = now

@@ -202,6 +202,31 @@ def test_derived_fields_follow_overrides():
   config_lib.validate(c)
 
 
+def test_token_cap_is_libmoes_and_follows_overrides():
+  # LibMoE tokenises (stop_after + 100) steps of batches (§6.3); our windows
+  # hold S + 1 = 1025 tokens. By hand: (100,000 + 100) x 64 x 1,025.
+  assert get_config('smoe_154m').data.max_tokens == 6_566_560_000
+  # (400,000 + 100) x 64 x 1,025.
+  assert get_config('deepseek_v3_660m').data.max_tokens == 26_246_560_000
+  c = get_config('smoe_154m')
+  c.train.steps = 900
+  c.train.global_batch = 32
+  c.train.seq_len = 511
+  assert c.data.max_tokens == 1_000 * 32 * 512
+  # The demo run's 1,000 steps: 1,100 x 64 x 1,025.
+  assert get_config('smoe_154m', 'demo').data.max_tokens == 72_160_000
+  # Set, it stays; None and 0 mean the whole source.
+  c.data.max_tokens = 12_345
+  c.train.steps = 10
+  assert c.data.max_tokens == 12_345
+  for cap in (None, 0):
+    c.data.max_tokens = cap
+    config_lib.validate(c)
+  # The tiny configs read their synthetic corpus whole.
+  assert get_config('smoe_154m', 'tiny').data.max_tokens is None
+  assert get_config('smoe_154m').data.shard_seed == 123
+
+
 def test_parse_arg():
   args = config_lib.parse_arg('tiny,preset=x,n=3,r=0.5', tiny=False,
                               preset='a', n=1, r=1.0)
@@ -242,6 +267,8 @@ def _set(config, path, value):
     ('train.grad_accum', 3, 'train.global_batch'),
     ('train.warmup_steps', 500, 'train.warmup_steps'),
     ('data.source', 'nope', 'data.source'),
+    ('data.max_tokens', -1, 'data.max_tokens'),
+    ('data.shard_seed', -1, 'data.shard_seed'),
     ('mesh.tensor', 3, 'model.num_heads'),
     ('mesh.expert', 3, 'mesh.expert'),
 ])

@@ -45,6 +45,7 @@ _SOURCE_FIELDS = {
     'num_docs': 'config.data.synthetic.num_docs',
     'num_domains': 'config.data.synthetic.num_domains',
     'seed': 'config.data.synthetic.seed',
+    'shard_seed': 'config.data.shard_seed',
 }
 _TOKENIZER_FIELDS = {
     'model_path': 'config.data.tokenizer',
@@ -180,10 +181,15 @@ def build_data(config: ml_collections.ConfigDict,
         'config.data.tokenizer to that directory (only SentencePiece '
         "tokenizers are trained: config.data.tokenizer_type='sentencepiece')."
     )
+  # The shard order (algorithms.md §6.3): each split's sorted files
+  # permuted by np.random.default_rng(shard_seed), as LibMoE permutes every
+  # SlimPajama split's shard list with default_rng(123); the tokenizer
+  # trained below reads the training text in that order.
   common = dict(text_field=data.text_field, doc_mode=data.doc_mode,
                 tfds_name=data.tfds_name,
                 tfds_data_dir=data.tfds_data_dir or None,
-                synthetic=data.synthetic.to_dict())
+                synthetic=data.synthetic.to_dict(),
+                shard_seed=data.get('shard_seed'))
   train_fields = _source_fields(data.source, valid=False)
   with _fields(train_fields):
     source = sources_lib.make_source(
@@ -234,7 +240,7 @@ def build_data(config: ml_collections.ConfigDict,
         global_batch_size=config.train.global_batch, seed=data.shuffle_seed,
         valid_source=valid_source,
         valid_windows=config.train.eval_batches * config.train.global_batch,
-        separator=data.doc_separator, max_tokens=data.max_tokens,
+        separator=data.doc_separator, max_tokens=data.max_tokens or None,
         max_valid_tokens=data.max_valid_tokens,
         cache_dir=data.cache_dir or os.path.join(workdir, 'cache'))
 

@@ -100,7 +100,14 @@ def resolve_paths(
 
   Raises:
     FileNotFoundError: an entry matches no file.
+    ValueError: `shard_seed` is not None or an integer >= 0.
   """
+  if shard_seed is not None and (
+      isinstance(shard_seed, bool) or not isinstance(shard_seed, int)
+      or shard_seed < 0):
+    raise ValueError(
+        f"shard_seed={shard_seed!r}: expected an integer >= 0 (LibMoE: 123), "
+        "or None to read the files in sorted order.")
   if isinstance(spec, (str, os.PathLike)):
     spec = [spec]
   if not spec:
@@ -136,6 +143,8 @@ def resolve_paths(
       )
     files.extend(found)
   if shard_seed is not None:
+    # LibMoE's shard order (algorithms.md §6.3): the list indexed by a
+    # permutation drawn from a fresh generator.
     order = np.random.default_rng(shard_seed).permutation(len(files))
     files = [files[i] for i in order]
   return files

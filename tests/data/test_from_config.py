@@ -5,6 +5,7 @@ import json
 import pathlib
 import re
 
+import numpy as np
 import pytest
 
 from moe_jax import config_lib
@@ -165,6 +166,60 @@ def test_binary_validation_file_names_the_eval_field(config, tmp_path):
     from_config.build_data(_files_config(config, train, valid), str(tmp_path))
   assert str(info.value).startswith(
       f"config.data.eval_path: {valid}:2: not UTF-8 text (byte 0x89")
+
+
+def _shards(directory, split, n=8):
+  """n one-document JSON-lines shards, `<split>0` ... in sorted name order."""
+  directory.mkdir()
+  for i in range(n):
+    _jsonl(directory / f"shard_{i:02d}.jsonl", [f"{split}{i} text"])
+  return directory
+
+
+@pytest.mark.parametrize("shard_seed", [123, 7, None])
+def test_shards_are_read_in_libmoes_permuted_order(config, tmp_path,
+                                                   monkeypatch, model_path,
+                                                   shard_seed):
+  # algorithms.md §6.3: the shard list is permuted with default_rng(123);
+  # LibMoE (slim_pajama.py) takes `[shards[i] for i in perm]` for every
+  # split, each from a fresh generator, and trains its tokenizer on the
+  # first train shards of that order.
+  config = _files_config(config, _shards(tmp_path / "train", "train"),
+                         _shards(tmp_path / "valid", "valid"))
+  config.data.shard_seed = shard_seed
+  config.data.tokenizer = ""
+  seen = {}
+
+  def tokenizer_reads(workdir, texts, **kwargs):
+    seen["tokenizer"] = list(texts)
+    return tokenizer_lib.load_tokenizer(model_path)
+
+  def pipeline_gets(source, tokenizer, **kwargs):
+    seen["train"] = list(source)
+    seen["valid"] = list(kwargs["valid_source"])
+    return "pipeline"
+
+  monkeypatch.setattr(tokenizer_lib, "train_or_reuse_tokenizer",
+                      tokenizer_reads)
+  monkeypatch.setattr(from_config.pipeline_lib, "build_pipeline",
+                      pipeline_gets)
+  assert from_config.build_data(config, str(tmp_path)) == "pipeline"
+  order = (list(range(8)) if shard_seed is None else
+           list(np.random.default_rng(shard_seed).permutation(8)))
+  for split in ("train", "valid"):
+    assert seen[split] == [f"{split}{i} text" for i in order], split
+  assert seen["tokenizer"] == seen["train"]
+  if shard_seed == 123:
+    # Spelled out (numpy's PCG64 stream), so a sorted order cannot pass.
+    assert order == [0, 6, 4, 2, 7, 3, 1, 5]
+
+
+def test_bad_shard_seed_names_the_field(config, tmp_path):
+  config = _files_config(config, _shards(tmp_path / "train", "train"))
+  config.data.shard_seed = -1
+  with pytest.raises(ValueError, match=r"^config\.data\.shard_seed: "
+                     r"shard_seed=-1: expected an integer >= 0"):
+    from_config.build_data(config, str(tmp_path))
 
 
 def test_config_error_keeps_the_kind():

@@ -221,3 +221,34 @@ def test_train_flops_of_smoe_154m_by_hand():
   assert flops_lib.train_flops_per_token(config) == 6 * active + attention
   assert flops_lib.peak_flops('NVIDIA H100 80GB HBM3') == 989e12
   assert flops_lib.peak_flops('cpu') is None
+
+
+@pytest.mark.parametrize('name', ['smoe_154m', 'deepseek_v3_154m'])
+def test_load_metrics_do_not_depend_on_grad_accum(name):
+  # Routing of a token does not depend on its batch, so the step's expert
+  # counts are those of one forward over the whole batch whatever
+  # train.grad_accum; the load metrics are computed here, in numpy, from
+  # those counts (§9: max / mean count, std / mean, experts never chosen).
+  # 8 sequences of 4 tokens: a micro-batch of 2 leaves experts unchosen
+  # that the whole batch uses, so per-micro-batch metrics would differ.
+  overrides = {'train.global_batch': 8, 'train.seq_len': 4}
+  metrics = {}
+  for accum in (1, 2, 4):
+    before, _, m, batch, model = one_step(
+        tiny(name, **overrides, **{'train.grad_accum': accum}))
+    metrics[accum] = {k: np.asarray(m[k]) for k in
+                      ('max_mean_load', 'load_cv', 'dead_experts')}
+  _, auxes = jax.jit(functools.partial(model.apply, train=True, step=0))(
+      {'params': before.params, 'router_state': before.router_state},
+      batch['inputs'])
+  counts = np.stack([np.asarray(a['metrics']['expert_counts'], np.float64)
+                     for a in auxes])                              # [L, E']
+  mean = counts.sum(-1) / counts.shape[-1]
+  expected = {'max_mean_load': counts.max(-1) / mean,
+              'load_cv': counts.std(-1) / mean,
+              # Logged as the mean over layers.
+              'dead_experts': np.mean((counts == 0).sum(-1))}
+  for accum, got in metrics.items():
+    for key, value in expected.items():
+      np.testing.assert_allclose(got[key], value, rtol=1e-6,
+                                 err_msg=f'{key}, grad_accum={accum}')
