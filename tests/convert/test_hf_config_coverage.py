@@ -31,12 +31,9 @@ from moe_jax.convert import init_from_hf  # pylint: disable=g-import-not-at-top
 from moe_jax.convert import tiny  # pylint: disable=g-import-not-at-top
 from moe_jax.models import decoder  # pylint: disable=g-import-not-at-top
 from tests.convert import logits  # pylint: disable=g-import-not-at-top
+from tests.convert.test_hf_import import COMMON  # pylint: disable=g-import-not-at-top
 
 # GQA, head_dim 16 != D / H; Phi-3 derives head_dim = 48 / 4 = 12.
-COMMON = dict(vocab_size=128, hidden_size=48, intermediate_size=80,
-              num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, head_dim=16,
-              max_position_embeddings=64, rms_norm_eps=1e-5)
 PHI3 = dict({k: v for k, v in COMMON.items() if k != 'head_dim'},
             pad_token_id=0)
 
