@@ -29,6 +29,10 @@ Safety:
   * A checkpoint whose tree differs from the expected state (the model config
     changed on an existing workdir) is not damaged: it raises
     `CheckpointMismatch` naming the differing paths, and nothing is moved.
+    Nor is one that fails for a reason of the machine (out of memory,
+    permission denied, a full or read-only disk, an unreachable file
+    system): that error is raised and nothing is moved, since every older
+    checkpoint would fail alike and the run would restart from scratch.
   * A save that fails raises `CheckpointSaveError` naming the directory and
     the cause: at once from `save` when the directory is not writable or the
     disk cannot hold another checkpoint the size of the last one, otherwise
@@ -41,6 +45,7 @@ Safety:
 
 from __future__ import annotations
 
+import errno
 import glob
 import hashlib
 import json
@@ -234,11 +239,24 @@ def _size(num_bytes: int) -> str:
   raise AssertionError('unreachable')
 
 
-def _out_of_memory(error: BaseException) -> bool:
-  # Running out of memory says nothing about the checkpoint: never set it
-  # aside for that.
-  return (isinstance(error, MemoryError) or
-          'out of memory' in str(error).lower())
+# errno values that describe the machine, not the files: permissions, a
+# read-only or full disk, a network file system that dropped or went stale.
+_ENVIRONMENT_ERRNOS = frozenset({
+    errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT,
+    errno.ETIMEDOUT, errno.ENOTCONN, errno.ESTALE, errno.EHOSTDOWN})
+
+
+def _not_the_checkpoint(error: BaseException) -> bool:
+  """True for failures that say nothing about the checkpoint's files.
+
+  Running out of memory, or an environment error (permission denied, a full
+  or read-only disk, an unreachable file system) would fail on every older
+  checkpoint too: setting them all aside would silently restart the run
+  from scratch. Such errors are raised instead.
+  """
+  if isinstance(error, MemoryError) or 'out of memory' in str(error).lower():
+    return True
+  return isinstance(error, OSError) and error.errno in _ENVIRONMENT_ERRNOS
 
 
 class Checkpointer:
@@ -362,6 +380,8 @@ class Checkpointer:
     Raises:
       CheckpointMismatch: the newest checkpoint's tree differs from
         `abstract_state` (nothing is moved aside).
+      MemoryError, OSError: an error of the machine, not of the checkpoint
+        (nothing is moved aside).
     """
     if self._set_aside_uncommitted():
       self._manager.reload()
@@ -371,7 +391,7 @@ class Checkpointer:
       except CheckpointMismatch:
         raise
       except Exception as e:  # pylint: disable=broad-except
-        if _out_of_memory(e):
+        if _not_the_checkpoint(e):
           raise
         aside = self._move_aside(step, 'corrupt')
         logging.error(

@@ -171,6 +171,28 @@ def test_flipped_byte_is_set_aside_and_the_previous_one_restored(
   assert 'could not be restored' in caplog.text
 
 
+@pytest.mark.parametrize('error', [
+    PermissionError(errno.EACCES, 'Permission denied'),
+    OSError(errno.ENOSPC, 'No space left on device'),
+    MemoryError('out of memory')])
+def test_environment_errors_raise_and_set_nothing_aside(tmp_path, monkeypatch,
+                                                        error):
+  # They would fail on every older checkpoint as well: moving each aside
+  # would silently restart the run from scratch.
+  directory = tmp_path / 'checkpoints'
+  states = saved_run(directory)
+  before = sorted(os.listdir(directory))
+  checkpoints = checkpoint_lib.Checkpointer(directory, keep=3)
+
+  def fail(*args, **kwargs):
+    raise error
+  monkeypatch.setattr(checkpoints, 'restore', fail)
+  with pytest.raises(type(error)):
+    checkpoints.restore_latest(abstract(states[1]))
+  checkpoints.close()
+  assert sorted(os.listdir(directory)) == before
+
+
 def test_checkpoint_without_checksums_restores_unverified(tmp_path, caplog):
   directory = tmp_path / 'checkpoints'
   shutil.copytree(LEGACY, directory)
