@@ -35,7 +35,8 @@ def main(argv=None) -> None:
   for _ in range(args.windows // per_batch):
     rows = per_batch * args.seq_len
     layers = [{'choice': rng.integers(0, args.experts, (rows, args.top_k)),
-               'weight': rng.random((rows, args.top_k), dtype=np.float32)}
+               'weight': rng.random((rows, args.top_k), dtype=np.float32),
+               'top1': rng.integers(0, args.experts, (rows,))}
               for _ in range(args.layers)]
     batches.append((rng.integers(0, 8000, (per_batch, args.seq_len)),
                     np.zeros((per_batch,), np.int32), layers))
