@@ -22,9 +22,11 @@ Targets:
              attention biases, no q/k norms
   qwen2_moe  softmax top-k (renormalised or not) with q/k/v biases (zeros
              when the model has none) and its sigmoid-gated shared expert:
-             a model without one gets a zero shared expert; SharedE-V2's
-             ungated 0.5 / 0.5 mix becomes gate weight 0 (σ(0) = 0.5) with
-             the routed experts' down projections halved (§5.1)
+             a model without one gets a zero shared expert, n shared
+             experts one shared MLP of width n·w (they are merged under one
+             gate); SharedE-V2's ungated 0.5 / 0.5 mix becomes gate weight
+             0 (σ(0) = 0.5) with the routed experts' down projections
+             halved (§5.1)
   qwen3_moe  softmax top-k (renormalised or not), no shared expert,
              per-head q/k RMSNorm (required: Qwen3-MoE always has it);
              `attention_bias` gives q/k/v AND o_proj biases, so a model
@@ -160,7 +162,8 @@ def _check_routing(kwargs: Mapping[str, Any], target: str, refuse) -> None:
   elif target == 'qwen2_moe':
     refuse(router in ('smoe', 'deepseek_v2'),
            'Qwen2-MoE routes softmax top-k')
-    refuse(shared <= 1, 'Qwen2-MoE has one shared expert')
+    # Its one shared MLP of width shared_expert_intermediate_size holds our
+    # n shared experts merged into one of width n x w (under one gate).
   elif target in ('qwen3_moe', 'olmoe'):
     refuse(router in ('smoe', 'deepseek_v2'), f'{name} routes softmax top-k')
     refuse(not shared, f'{name} has no shared expert')

@@ -156,6 +156,9 @@ UPCYCLED = [
     ('qwen2_tied', 'sigmoid', 0, 'half', {}, 'glm4_moe'),
     ('mistral', 'sigmoid', 1, 'half', {'normalize_topk': False},
      'glm4_moe'),
+    # Two shared experts: one Qwen2-MoE shared MLP of width 2w.
+    ('qwen2_tied', 'deepseek_v2', 2, 'add', {}, 'qwen2_moe'),
+    ('mistral', 'deepseek_v2', 2, 'half', {}, 'qwen2_moe'),
 ]
 
 
@@ -177,6 +180,9 @@ def test_upcycled_export_matches_transformers(dense, family, router, shared,
     want = (state['layer_1']['moe']['router']['router']['bias']
             if router == 'deepseek_v3' else np.zeros(4))
     np.testing.assert_array_equal(exported.get(key), want)
+  if target == 'qwen2_moe':
+    assert config['shared_expert_intermediate_size'] == (
+        shared * config['moe_intermediate_size'])
   if family == 'qwen3_qkv_bias':
     np.testing.assert_array_equal(
         exported.get('model.layers.0.self_attn.o_proj.bias'), np.zeros(48))
