@@ -2,9 +2,12 @@
 
 Training FLOPs per token = 6 N_active + 12 L H Dh S (PaLM, arXiv 2204.02311
 App. B), where N_active counts the matmul weights a token touches: attention
-projections, router, k routed experts (plus MoE++ / TC-MoE slots, which cost
-none), shared experts and the output layer; embeddings are a lookup.
-MFU counts active expert FLOPs only (performance.md, reporting rules).
+projections, router, k routed experts, shared experts and the output layer;
+embeddings are a lookup. MFU counts active expert FLOPs only (performance.md,
+reporting rules). For MoE++, TC-MoE and ReMoE the k experts are an upper
+bound: a slot on a zero / copy / constant / null expert costs no FFN FLOPs,
+and ReMoE's active count varies per token, so their MFU is overstated by the
+share of such slots (their `expert_load` metric shows it per layer).
 """
 
 from __future__ import annotations
