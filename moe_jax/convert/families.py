@@ -12,14 +12,18 @@ gate_up projections are split / kept along the same axes.
 Families: Llama (also Mistral), Qwen2 (q/k/v biases), Qwen3 (per-head q/k
 RMSNorm), Phi-3 (fused qkv and gate_up).
 
-Refused, each with an error naming the config.json field: sliding-window
-attention narrower than the context (`sliding_window` < max_position_
-embeddings; Phi-3 and Mistral window every layer, Qwen2 / Qwen3 only with
-`use_sliding_window` and in the layers `layer_types` / `max_window_layers`
-mark sliding, so real Phi-3-mini-4k, window 2047 of 4096, is refused), a
-`hidden_act` other than silu, `mlp_bias` (Llama's MLP biases) and a
-`partial_rotary_factor` that rotates an odd number of dims per head
-(transformers rounds that up to the next even width, moe_jax down).
+Sliding-window attention: Mistral's and Phi-3's window covers every layer
+and becomes TransformerLM(sliding_window=N) when it is narrower than the
+context (`sliding_window` < max_position_embeddings; real Phi-3-mini-4k:
+2047 of 4096); a window at least the context masks nothing and is dropped.
+Qwen2 / Qwen3 window only the layers `layer_types` / `max_window_layers`
+mark sliding (with `use_sliding_window`), which moe_jax does not express.
+
+Refused, each with an error naming the config.json field: a Qwen2 / Qwen3
+sliding window narrower than the context, a `hidden_act` other than silu,
+`mlp_bias` (Llama's MLP biases) and a `partial_rotary_factor` that rotates
+an odd number of dims per head (transformers rounds that up to the next
+even width, moe_jax down).
 
 Dimension legend: V vocabulary, D model width, H heads, K kv heads, Dh head
 width, I MLP width.
@@ -139,22 +143,28 @@ def sliding_window(hf: Mapping[str, Any], family: str) -> int | None:
   return window
 
 
-def check_window(hf: Mapping[str, Any], family: str) -> None:
-  """Refuses sliding-window attention narrower than the context.
+def check_window(hf: Mapping[str, Any], family: str) -> int | None:
+  """The every-layer window the model needs, or None (see module doc).
 
   A window of at least max_position_embeddings never masks a token the
-  model can see (transformers keeps keys with q - k < window).
+  model can see (transformers keeps keys with q - k < window): None.
+
+  Raises:
+    ValueError: a Qwen2 / Qwen3 window narrower than the context (it
+      applies to some layers only).
   """
   window = sliding_window(hf, family)
   context = hf.get('max_position_embeddings', 0)
-  if window is not None and window < context:
-    flag = (' with use_sliding_window=true' if hf.get('use_sliding_window')
-            else '')
+  if window is None or window >= context:
+    return None
+  if family in ('qwen2', 'qwen3'):
     raise ValueError(
-        f'config.json sliding_window={window}{flag}: narrower than '
-        f'max_position_embeddings={context}; sliding-window attention is '
-        'not implemented (expected sliding_window null or >= '
+        f'config.json sliding_window={window} with use_sliding_window=true: '
+        f'narrower than max_position_embeddings={context}, in the layers '
+        'layer_types / max_window_layers mark sliding; moe_jax windows every '
+        'layer or none (expected use_sliding_window false or a window >= '
         'max_position_embeddings)')
+  return int(window)
 
 
 def dims(hf: Mapping[str, Any]) -> dict[str, int]:
@@ -174,7 +184,7 @@ def model_kwargs(hf: Mapping[str, Any], family: str) -> dict[str, Any]:
     raise ValueError(f"config.json mlp_bias={hf['mlp_bias']!r}: the "
                      f"{family} family's MLP is imported bias-free "
                      '(expected false)')
-  check_window(hf, family)
+  window = check_window(hf, family)
   d = dims(hf)
   bias = 'none'
   if family == 'qwen2':
@@ -192,7 +202,8 @@ def model_kwargs(hf: Mapping[str, Any], family: str) -> dict[str, Any]:
       qk_norm='per_head' if family == 'qwen3' else 'none',
       kv_projection='separate',
       tie_embeddings=bool(hf.get('tie_word_embeddings', False)),
-      output_bias=False, **_rope(hf))
+      output_bias=False, **_rope(hf),
+      **({'sliding_window': window} if window else {}))
 
 
 def _t(a: np.ndarray) -> np.ndarray:

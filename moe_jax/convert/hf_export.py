@@ -78,6 +78,8 @@ TARGETS = ('dense', 'phi3', 'mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe',
 # Dense targets: 'dense' picks Llama / Qwen2 / Qwen3 by the attention;
 # 'phi3' writes Phi-3's fused qkv_proj and gate_up_proj.
 DENSE_TARGETS = ('dense', 'phi3')
+# Classes whose sliding_window covers every layer, as TransformerLM's does.
+WINDOWED_TARGETS = ('phi3', 'mixtral')
 # MoE target -> (model_type, architecture, name in messages).
 MOE_CLASSES = {
     'mixtral': ('mixtral', 'MixtralForCausalLM', 'Mixtral'),
@@ -252,6 +254,9 @@ def check_exportable(kwargs: Mapping[str, Any], target: str) -> None:
   refuse(ffn.get('activation') == 'swiglu' and
          not ffn.get('use_bias', ffn.get('expert_bias', False)),
          'only bias-free SwiGLU MLPs / experts have HF keys here')
+  refuse(not kwargs.get('sliding_window') or target in WINDOWED_TARGETS,
+         f"sliding_window={kwargs.get('sliding_window')}: of the targets "
+         f'only {WINDOWED_TARGETS} window every layer')
   if target == 'phi3':
     refuse(bool(kwargs.get('dense_ffn')), 'an MoE model needs an MoE '
            'target')
@@ -350,7 +355,8 @@ def hf_config(kwargs: Mapping[str, Any], target: str,
   ffn = kwargs['ffn']
   if target == 'phi3':
     extra.update(intermediate_size=ffn['width'],
-                 partial_rotary_factor=kwargs.get('rope_fraction', 1.0))
+                 partial_rotary_factor=kwargs.get('rope_fraction', 1.0),
+                 sliding_window=kwargs.get('sliding_window'))
     extra.setdefault('pad_token_id', None)
     config = _common_config(kwargs, dict(extra, model_type='phi3',
                                          architectures=['Phi3ForCausalLM']))
@@ -380,7 +386,8 @@ def hf_config(kwargs: Mapping[str, Any], target: str,
     extra.update(num_local_experts=ffn['num_experts'],
                  num_experts_per_tok=ffn['top_k'],
                  intermediate_size=ffn['expert_width'],
-                 router_jitter_noise=0.0, sliding_window=None,
+                 router_jitter_noise=0.0,
+                 sliding_window=kwargs.get('sliding_window'),
                  output_router_logits=False)
   elif target == 'qwen2_moe':
     shared = ffn.get('shared_width') or ffn['expert_width']

@@ -95,6 +95,10 @@ def router_config(kwargs: Mapping[str, Any]) -> dict[str, Any] | None:
 
 def check_exportable(kwargs: Mapping[str, Any]) -> None:
   """Refuses what modeling_moe_jax.py does not implement."""
+  if kwargs.get('sliding_window'):
+    raise RemoteCodeError(
+        f"sliding_window={kwargs['sliding_window']}: the remote-code port "
+        'attends to every earlier position (sliding_window None)')
   if kwargs.get('dense_ffn'):
     return
   ffn = kwargs['ffn']

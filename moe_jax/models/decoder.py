@@ -223,7 +223,11 @@ class Attention(nn.Module):
   qk_norm: str = 'none'
   norm_eps: float = 1e-6
   kv_projection: str = 'fused'
-  # 'xla' | 'cudnn' (fused; used only without a padding mask).
+  # Sliding-window attention: a query sees the keys of the last
+  # `sliding_window` positions (itself included), as transformers' Mistral /
+  # Phi-3 (q - k < window); None: every earlier key.
+  sliding_window: int | None = None
+  # 'xla' | 'cudnn' (fused; used only without a padding mask or window).
   implementation: str = 'xla'
   dtype: Any = jnp.float32
 
@@ -264,11 +268,13 @@ class Attention(nn.Module):
     q = checkpoint_name(q, 'query')
     k = checkpoint_name(k, 'key')
     v = checkpoint_name(v, 'value')
+    window = self.sliding_window
     implementation = 'cudnn' if (self.implementation == 'cudnn' and
-                                 mask is None) else 'xla'
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask,
-                                       implementation=implementation,
-                                       is_causal=True)      # [B, S, H, Dh]
+                                 mask is None and window is None) else 'xla'
+    out = jax.nn.dot_product_attention(
+        q, k, v, mask=mask, implementation=implementation, is_causal=True,
+        local_window_size=None if window is None else (window - 1, 0)
+    )                                                       # [B, S, H, Dh]
     return dense(d, ('heads', 'embed'), 'out', self.bias == 'all')(
         out.reshape(b, s, h * dh))
 
@@ -336,6 +342,9 @@ class TransformerLM(nn.Module):
   qk_norm: str = 'none'
   # K/V as one 'fused' projection (LibMoE) or 'separate' ones (HF).
   kv_projection: str = 'fused'
+  # Sliding-window attention over the last N positions in every layer
+  # (imported Mistral / Phi-3 models); None: full causal attention.
+  sliding_window: int | None = None
   # Output layer = the embedding transposed (no separate weights).
   tie_embeddings: bool = False
   # A bias on the output layer (LibMoE has one).
@@ -362,6 +371,8 @@ class TransformerLM(nn.Module):
     kv = self.num_kv_heads or self.num_heads
     require(self.num_heads % kv == 0, 'num_kv_heads',
             f'a divisor of num_heads={self.num_heads}', self.num_kv_heads)
+    require(self.sliding_window is None or self.sliding_window >= 1,
+            'sliding_window', 'None or an integer >= 1', self.sliding_window)
 
   def router_paths(self) -> list[tuple[str | int, ...]]:
     """Parameter path of the router behind each entry of the aux list.
@@ -414,6 +425,7 @@ class TransformerLM(nn.Module):
                      rope_theta=self.rope_theta,
                      rope_scaling=self.rope_scaling, bias=self.attention_bias,
                      qk_norm=self.qk_norm, kv_projection=self.kv_projection,
+                     sliding_window=self.sliding_window,
                      implementation=self.attention)
     layer = DecoderLayer
     if self.remat != 'none':

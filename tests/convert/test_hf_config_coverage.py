@@ -1,9 +1,10 @@
 """Hugging Face config options at the edges of what conversion computes.
 
-Import refuses what it cannot compute exactly (sliding windows of Phi-3 and
-Qwen2 / Qwen3, Llama's mlp_bias, an odd rotary width) naming the config
-field; `import` of an MoE checkpoint says what to do instead. Export writes
-what transformers computes (a per-head normed model with q/k/v biases ->
+Import computes Mistral's and Phi-3's sliding windows exactly and refuses
+what it cannot compute (Qwen2 / Qwen3's per-layer windows, Llama's
+mlp_bias, an odd rotary width) naming the config field; `import` of an MoE
+checkpoint says what to do instead. Export writes what transformers
+computes (a per-head normed model with q/k/v biases ->
 Qwen3 with a zero o_proj bias, logits to 1e-4) or refuses naming the field
 (qk_norm='full'; Phi-3 rope_scaling), and keeps the chat template.
 Upcycled routers start from N(0, 0.02²) (algorithms.md §10.1).
@@ -61,11 +62,39 @@ def imported_logits(directory) -> np.ndarray:
 # ---------------------------------------------------------------------------
 # 1. Sliding windows
 
-REFUSED_WINDOWS = {
+# Every-layer windows: imported as TransformerLM(sliding_window=4); the
+# batch's 12-token rows see past the window.
+WINDOWED = {
     'phi3': ('Phi3Config', dict(PHI3, sliding_window=4)),
-    # Phi-3-mini-4k-instruct's config.json: window 2047 of a 4096 context.
-    'phi3_mini_4k': ('Phi3Config', dict(PHI3, sliding_window=2047,
-                                        max_position_embeddings=4096)),
+    'mistral': ('MistralConfig', dict(COMMON, sliding_window=4)),
+}
+
+
+@pytest.mark.parametrize('name', sorted(WINDOWED))
+def test_every_layer_windows_import_exactly(name, tmp_path):
+  config_class, kwargs = WINDOWED[name]
+  model = save_hf(config_class, kwargs, tmp_path / name)
+  _, params, imported = hf_import.import_hf(str(tmp_path / name),
+                                            progress=False)
+  assert imported['sliding_window'] == 4
+  want = logits.torch_logits(model)
+  np.testing.assert_allclose(logits.jax_logits(imported, params), want,
+                             atol=1e-4, rtol=1e-4)
+  # Not vacuous: without the window the logits differ.
+  full = dict(imported, sliding_window=None)
+  assert np.abs(logits.jax_logits(full, params) - want).max() > 1e-2
+
+
+def test_phi3_mini_4k_window_is_kept(tmp_path):
+  # Phi-3-mini-4k-instruct's config.json: window 2047 of a 4096 context.
+  save_hf('Phi3Config', dict(PHI3, sliding_window=2047,
+                             max_position_embeddings=4096), tmp_path / 'p')
+  _, _, imported = hf_import.import_hf(str(tmp_path / 'p'), progress=False)
+  assert imported['sliding_window'] == 2047
+
+
+# Qwen2 / Qwen3 window only some layers: refused.
+REFUSED_WINDOWS = {
     'qwen2': ('Qwen2Config', dict(COMMON, use_sliding_window=True,
                                   sliding_window=4, max_window_layers=0)),
     'qwen3': ('Qwen3Config', dict(COMMON, use_sliding_window=True,
@@ -74,14 +103,29 @@ REFUSED_WINDOWS = {
 
 
 @pytest.mark.parametrize('name', sorted(REFUSED_WINDOWS))
-def test_sliding_windows_are_refused_naming_the_field(name, tmp_path):
+def test_qwen_layer_windows_are_refused_naming_the_field(name, tmp_path):
   config_class, kwargs = REFUSED_WINDOWS[name]
   save_hf(config_class, kwargs, tmp_path / name)
   with pytest.raises(ValueError, match='sliding_window=') as error:
     hf_import.import_hf(str(tmp_path / name), progress=False)
   assert 'max_position_embeddings' in str(error.value)
-  if name.startswith('qwen'):
-    assert 'use_sliding_window' in str(error.value)
+  assert 'use_sliding_window' in str(error.value)
+
+
+def test_windowed_phi3_exports_to_phi3_only(tmp_path):
+  model = save_hf('Phi3Config', dict(PHI3, sliding_window=4), tmp_path / 'p')
+  _, params, imported = hf_import.import_hf(str(tmp_path / 'p'),
+                                            progress=False)
+  out = hf_export.export_hf(imported, params, {}, to='phi3',
+                            out_dir=str(tmp_path / 'out'), progress=False)
+  assert json.loads((tmp_path / 'out' / 'config.json').read_text())[
+      'sliding_window'] == 4
+  np.testing.assert_allclose(logits.torch_logits(logits.load_hf(out)),
+                             logits.torch_logits(model), atol=1e-4,
+                             rtol=1e-4)
+  with pytest.raises(hf_export.ExportError, match='sliding_window=4'):
+    hf_export.export_hf(imported, params, {}, to='dense',
+                        out_dir=str(tmp_path / 'dense'), progress=False)
 
 
 ACCEPTED_WINDOWS = {
