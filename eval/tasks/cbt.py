@@ -35,23 +35,22 @@ NUM_CANDIDATES = 10
 ARCHIVE_SUBDIR = os.path.join('CBTest', 'data')
 
 
+# LibMoE's ChildrenBooksTest.detokenize (eval/cbt.py), itself from
+# declare-lab/instruct-eval lm_eval/tasks/cbt.py: (old, new) replacements
+# that undo the PTB-style spacing of CBTest's text, applied in this order.
+_DETOKENIZE = (
+    (" '", "'"), (' \n', '\n'), ('\n ', '\n'), (" n't", "n't"),
+    ('`` ', '"'), ("''", '"'),
+    # punctuation
+    (' :', ':'), (' ;', ';'), (' !', '!'), (' ?', '?'), (' ,', ','),
+    (' .', '.'),
+)
+
+
 def detokenize(text: str) -> str:
-  """LibMoE's ChildrenBooksTest.detokenize (eval/cbt.py), itself from
-  declare-lab/instruct-eval lm_eval/tasks/cbt.py: undoes the PTB-style
-  spacing of CBTest's text. The replacements run in this order."""
-  text = text.replace(" '", "'")
-  text = text.replace(' \n', '\n')
-  text = text.replace('\n ', '\n')
-  text = text.replace(" n't", "n't")
-  text = text.replace('`` ', '"')
-  text = text.replace("''", '"')
-  # punctuation
-  text = text.replace(' :', ':')
-  text = text.replace(' ;', ';')
-  text = text.replace(' !', '!')
-  text = text.replace(' ?', '?')
-  text = text.replace(' ,', ',')
-  text = text.replace(' .', '.')
+  """CBTest text with LibMoE's detokenisation (_DETOKENIZE) applied."""
+  for old, new in _DETOKENIZE:
+    text = text.replace(old, new)
   return text
 
 
