@@ -47,3 +47,21 @@ def load_hf(directory, **kwargs):
   return transformers.AutoModelForCausalLM.from_pretrained(
       directory, dtype=torch.float32, local_files_only=True,
       **kwargs).eval()
+
+
+def save_random_hf(config_class: str, kwargs: dict, directory):
+  """A random transformers causal LM of `config_class`(**kwargs), saved to
+  `directory`, in eval mode. Norms and biases are random too, so a wrong
+  mapping of any tensor shows in the logits."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  config = getattr(transformers, config_class)(**kwargs)
+  torch.manual_seed(0)
+  model = transformers.AutoModelForCausalLM.from_config(
+      config, dtype=torch.float32).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if 'norm' in name or name.endswith('bias'):
+        p.copy_(torch.randn_like(p) * 0.5 + (1.0 if 'norm' in name else 0))
+  model.save_pretrained(directory)
+  return model

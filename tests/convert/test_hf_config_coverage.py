@@ -39,20 +39,6 @@ PHI3 = dict({k: v for k, v in COMMON.items() if k != 'head_dim'},
             pad_token_id=0)
 
 
-def save_hf(config_class: str, kwargs: dict, directory) -> torch.nn.Module:
-  """A random transformers model (norms and biases random too), saved."""
-  config = getattr(transformers, config_class)(**kwargs)
-  torch.manual_seed(0)
-  model = transformers.AutoModelForCausalLM.from_config(
-      config, dtype=torch.float32).eval()
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if 'norm' in name or name.endswith('bias'):
-        p.copy_(torch.randn_like(p) * 0.5 + (1.0 if 'norm' in name else 0))
-  model.save_pretrained(directory)
-  return model
-
-
 def imported_logits(directory) -> np.ndarray:
   model, params, kwargs = hf_import.import_hf(str(directory), progress=False)
   del model
@@ -73,7 +59,7 @@ WINDOWED = {
 @pytest.mark.parametrize('name', sorted(WINDOWED))
 def test_every_layer_windows_import_exactly(name, tmp_path):
   config_class, kwargs = WINDOWED[name]
-  model = save_hf(config_class, kwargs, tmp_path / name)
+  model = logits.save_random_hf(config_class, kwargs, tmp_path / name)
   _, params, imported = hf_import.import_hf(str(tmp_path / name),
                                             progress=False)
   assert imported['sliding_window'] == 4
@@ -87,7 +73,7 @@ def test_every_layer_windows_import_exactly(name, tmp_path):
 
 def test_phi3_mini_4k_window_is_kept(tmp_path):
   # Phi-3-mini-4k-instruct's config.json: window 2047 of a 4096 context.
-  save_hf('Phi3Config', dict(PHI3, sliding_window=2047,
+  logits.save_random_hf('Phi3Config', dict(PHI3, sliding_window=2047,
                              max_position_embeddings=4096), tmp_path / 'p')
   _, _, imported = hf_import.import_hf(str(tmp_path / 'p'), progress=False)
   assert imported['sliding_window'] == 2047
@@ -105,7 +91,7 @@ REFUSED_WINDOWS = {
 @pytest.mark.parametrize('name', sorted(REFUSED_WINDOWS))
 def test_qwen_layer_windows_are_refused_naming_the_field(name, tmp_path):
   config_class, kwargs = REFUSED_WINDOWS[name]
-  save_hf(config_class, kwargs, tmp_path / name)
+  logits.save_random_hf(config_class, kwargs, tmp_path / name)
   with pytest.raises(ValueError, match='sliding_window=') as error:
     hf_import.import_hf(str(tmp_path / name), progress=False)
   assert 'max_position_embeddings' in str(error.value)
@@ -113,7 +99,7 @@ def test_qwen_layer_windows_are_refused_naming_the_field(name, tmp_path):
 
 
 def test_windowed_phi3_exports_to_phi3_only(tmp_path):
-  model = save_hf('Phi3Config', dict(PHI3, sliding_window=4), tmp_path / 'p')
+  model = logits.save_random_hf('Phi3Config', dict(PHI3, sliding_window=4), tmp_path / 'p')
   _, params, imported = hf_import.import_hf(str(tmp_path / 'p'),
                                             progress=False)
   out = hf_export.export_hf(imported, params, {}, to='phi3',
@@ -145,7 +131,7 @@ ACCEPTED_WINDOWS = {
 @pytest.mark.parametrize('name', sorted(ACCEPTED_WINDOWS))
 def test_windows_that_mask_nothing_import_exactly(name, tmp_path):
   config_class, kwargs = ACCEPTED_WINDOWS[name]
-  model = save_hf(config_class, kwargs, tmp_path / name)
+  model = logits.save_random_hf(config_class, kwargs, tmp_path / name)
   np.testing.assert_allclose(imported_logits(tmp_path / name),
                              logits.torch_logits(model), atol=1e-4,
                              rtol=1e-4)
@@ -185,7 +171,7 @@ def _random_model(kwargs: dict, seed: int = 0) -> dict:
 def qwen2_kwargs(tmp_path_factory):
   """An imported Qwen2's TransformerLM kwargs (q/k/v biases)."""
   directory = tmp_path_factory.mktemp('qwen2') / 'hf'
-  save_hf('Qwen2Config', COMMON, directory)
+  logits.save_random_hf('Qwen2Config', COMMON, directory)
   _, _, kwargs = hf_import.import_hf(str(directory), progress=False)
   assert kwargs['attention_bias'] == 'qkv'
   return kwargs
@@ -330,7 +316,7 @@ def test_added_tokens_json_is_copied(tmp_path):
 # 6. Errors that say what is wrong
 
 def test_llama_mlp_bias_is_refused_naming_it(tmp_path):
-  save_hf('LlamaConfig', dict(COMMON, mlp_bias=True), tmp_path / 'hf')
+  logits.save_random_hf('LlamaConfig', dict(COMMON, mlp_bias=True), tmp_path / 'hf')
   # (The tmp path holds 'mlp_bias' too: match the config field itself.)
   with pytest.raises(ValueError, match=r'config\.json mlp_bias=True'):
     hf_import.import_hf(str(tmp_path / 'hf'), progress=False)
@@ -338,7 +324,7 @@ def test_llama_mlp_bias_is_refused_naming_it(tmp_path):
 
 def test_odd_rotary_width_is_refused_on_import(tmp_path):
   # head_dim 12 x 0.75 = 9 rotated dims: transformers rotates 10, moe_jax 8.
-  save_hf('Phi3Config', dict(PHI3, partial_rotary_factor=0.75),
+  logits.save_random_hf('Phi3Config', dict(PHI3, partial_rotary_factor=0.75),
           tmp_path / 'hf')
   with pytest.raises(ValueError, match='partial_rotary_factor=0.75'):
     hf_import.import_hf(str(tmp_path / 'hf'), progress=False)
@@ -346,7 +332,7 @@ def test_odd_rotary_width_is_refused_on_import(tmp_path):
 
 def test_even_partial_rotary_imports_exactly(tmp_path):
   # head_dim 12 x 0.5 = 6 rotated dims on both sides.
-  model = save_hf('Phi3Config', dict(PHI3, partial_rotary_factor=0.5),
+  model = logits.save_random_hf('Phi3Config', dict(PHI3, partial_rotary_factor=0.5),
                   tmp_path / 'hf')
   np.testing.assert_allclose(imported_logits(tmp_path / 'hf'),
                              logits.torch_logits(model), atol=1e-4,
@@ -354,7 +340,7 @@ def test_even_partial_rotary_imports_exactly(tmp_path):
 
 
 def test_cli_import_of_an_moe_checkpoint_says_what_to_do(tmp_path, capsys):
-  save_hf('MixtralConfig', dict(
+  logits.save_random_hf('MixtralConfig', dict(
       {k: v for k, v in COMMON.items() if k != 'intermediate_size'},
       intermediate_size=32, num_local_experts=4, num_experts_per_tok=2),
           tmp_path / 'hf')

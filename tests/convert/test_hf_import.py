@@ -20,6 +20,7 @@ transformers = pytest.importorskip('transformers')
 from moe_jax.convert import hf_import  # pylint: disable=g-import-not-at-top
 from moe_jax.models import rope  # pylint: disable=g-import-not-at-top
 from tests.convert.logits import padded_batch  # pylint: disable=g-import-not-at-top
+from tests.convert.logits import save_random_hf  # pylint: disable=g-import-not-at-top
 
 # Small shapes: GQA (4 query heads, 2 kv heads), head_dim 16 != D / H.
 COMMON = dict(vocab_size=128, hidden_size=48, intermediate_size=80,
@@ -48,18 +49,8 @@ def build_hf(name, tmp_path):
   kwargs = dict(COMMON, **extra)
   if config_class == 'Phi3Config':
     kwargs.pop('head_dim')                 # Phi-3 derives it: 48 / 4 = 12
-  config = getattr(transformers, config_class)(**kwargs)
-  torch.manual_seed(0)
-  model = transformers.AutoModelForCausalLM.from_config(
-      config, dtype=torch.float32).eval()
-  # Random norms and biases too, so a wrong mapping of any tensor shows.
-  with torch.no_grad():
-    for pname, p in model.named_parameters():
-      if 'norm' in pname or pname.endswith('bias'):
-        p.copy_(torch.randn_like(p) * 0.5 + (1.0 if 'norm' in pname else 0))
   directory = tmp_path / name
-  model.save_pretrained(directory)
-  return model, directory
+  return save_random_hf(config_class, kwargs, directory), directory
 
 
 @pytest.mark.parametrize('name', sorted(CASES))
