@@ -59,6 +59,7 @@ from moe_jax.convert import init_vlm
 from moe_jax.data import from_config
 from moe_jax.models import attention_probe
 from moe_jax.moe import backend_probe
+from moe_jax.moe import metrics as metrics_lib
 from moe_jax.moe import router as router_lib
 from moe_jax.state import TrainState
 
@@ -131,27 +132,6 @@ def _set(tree, path, value):
     new = _set(_get(tree, path[:1]), path[1:], value)
     return jax.tree.map(lambda a, v: a.at[path[0]].set(v), tree, new)
   return {**tree, path[0]: _set(tree[path[0]], path[1:], value)}
-
-
-def load_stats(counts: jax.Array) -> dict[str, jax.Array]:
-  """Load statistics of selection counts [L, E'] (one row per aux entry).
-
-  The definitions of moe/metrics.py (algorithms.md §9), applied to counts
-  summed over a step's micro-batches:
-    dead_experts   [L] slots with no selection;
-    max_mean_load  [L] max_e count / mean_e count (1 = balanced);
-    load_cv        [L] std_e count / mean_e count;
-    expert_load    [L, E'] counts / total selections.
-  """
-  counts = counts.astype(jnp.float32)
-  total = jnp.maximum(jnp.sum(counts, axis=-1, keepdims=True), 1.0)  # [L, 1]
-  mean = total[:, 0] / counts.shape[-1]                          # [L]
-  return {
-      'dead_experts': jnp.sum(counts == 0, axis=-1).astype(jnp.float32),
-      'max_mean_load': jnp.max(counts, axis=-1) / mean,
-      'load_cv': jnp.std(counts, axis=-1) / mean,
-      'expert_load': counts / total,
-  }
 
 
 def router_post_update(params, router_state, expert_counts, *, spec,
@@ -269,7 +249,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model,
   layers = jax.tree.map(lambda x: jnp.mean(x, axis=0), layers)
   if counts is not None:
     counts = jnp.sum(counts, axis=0)                             # [L, E']
-    layers.update(load_stats(counts))
+    layers.update(metrics_lib.load_stats(counts))
 
   grad_norm = optax.global_norm(grads)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)

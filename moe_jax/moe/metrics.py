@@ -50,6 +50,21 @@ def _masked_mean(values, keep):
   return jnp.sum(jnp.where(keep, values, 0.0)) / jnp.maximum(kept, 1)
 
 
+def load_stats(counts):
+  """expert_load, dead_experts, max_mean_load and load_cv of selection
+  counts [..., E'] (the module doc), over the last axis. The train step
+  applies it to the counts summed over its micro-batches as well."""
+  counts = counts.astype(jnp.float32)
+  total = jnp.maximum(jnp.sum(counts, axis=-1, keepdims=True), 1.0)
+  mean = total[..., 0] / counts.shape[-1]
+  return {
+      'expert_load': counts / total,
+      'dead_experts': jnp.sum(counts == 0, axis=-1).astype(jnp.float32),
+      'max_mean_load': jnp.max(counts, axis=-1) / mean,
+      'load_cv': jnp.std(counts, axis=-1) / mean,
+  }
+
+
 def routing_stats(out: RouterOutput, num_sequences: int = 1) -> dict:
   """Statistics of T = B*S tokens; num_sequences B groups allocation entropy."""
   width = out.probs.shape[-1]
@@ -62,18 +77,13 @@ def routing_stats(out: RouterOutput, num_sequences: int = 1) -> dict:
   alloc = alloc / jnp.log(width) if width > 1 else jnp.zeros_like(alloc)
   counts = jnp.sum(jax.nn.one_hot(out.choice, width, dtype=jnp.float32),
                    axis=(0, 1))                                # [E']
-  total = jnp.maximum(jnp.sum(counts), 1.0)
-  mean = total / width
   w = jnp.abs(out.analysis_weight.astype(jnp.float32))         # [T, K]
   w_sum = jnp.sum(w, axis=-1, keepdims=True)                   # [T, 1]
   w_norm = w / jnp.maximum(w_sum, 1e-20)
   weighted = w_sum[:, 0] > 0                                   # [T]
   stats = {
       'expert_counts': counts,
-      'expert_load': counts / total,
-      'dead_experts': jnp.sum(counts == 0).astype(jnp.float32),
-      'max_mean_load': jnp.max(counts) / mean,
-      'load_cv': jnp.std(counts) / mean,
+      **load_stats(counts),
       'routing_entropy': jnp.mean(_entropy(p)),
       'allocation_entropy': _masked_mean(alloc, routed > 0),
       'weight_entropy': _masked_mean(_entropy(w_norm), weighted),

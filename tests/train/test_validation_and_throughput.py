@@ -138,7 +138,7 @@ def test_writer_rates_cover_their_interval_and_skip_pauses(monkeypatch):
 def test_logged_throughput_excludes_validation(monkeypatch, tmp_path):
   # The real loop: validation at steps 2 and 4 takes 100,000 s on a fake
   # clock. Averaged since the first step, the rate at steps 4 and 6 would be
-  # under 2 x 512 tokens / 100,000 s = 0.01 tokens/s.
+  # under 2 x 128 tokens / 100,000 s = 0.003 tokens/s.
   offset = [0.0]
   real_clock = train_lib.time.perf_counter
   monkeypatch.setattr(train_lib, 'time', types.SimpleNamespace(
