@@ -30,6 +30,7 @@ from moe_jax.convert import hf_export  # pylint: disable=g-import-not-at-top
 from moe_jax.convert import hf_import  # pylint: disable=g-import-not-at-top
 from moe_jax.convert import init_from_hf  # pylint: disable=g-import-not-at-top
 from moe_jax.convert import tiny  # pylint: disable=g-import-not-at-top
+from moe_jax.convert import upcycle  # pylint: disable=g-import-not-at-top
 from moe_jax.models import decoder  # pylint: disable=g-import-not-at-top
 from tests.convert import logits  # pylint: disable=g-import-not-at-top
 from tests.convert.test_hf_import import COMMON  # pylint: disable=g-import-not-at-top
@@ -77,6 +78,25 @@ def test_phi3_mini_4k_window_is_kept(tmp_path):
                              max_position_embeddings=4096), tmp_path / 'p')
   _, _, imported = hf_import.import_hf(str(tmp_path / 'p'), progress=False)
   assert imported['sliding_window'] == 2047
+
+
+def test_upcycled_windowed_mistral_exports_to_mixtral(tmp_path):
+  # Mixtral windows every layer too: an upcycled Mistral keeps its window.
+  logits.save_random_hf('MistralConfig', dict(COMMON, sliding_window=4),
+                        tmp_path / 'm')
+  _, params, imported = hf_import.import_hf(str(tmp_path / 'm'),
+                                            progress=False)
+  kwargs, params, state = upcycle.upcycle(
+      imported, params, router='smoe', num_experts=4, top_k=2, noise=0.5,
+      seed=3, router_options=dict(init_std=0.3))
+  assert kwargs['sliding_window'] == 4
+  out = hf_export.export_hf(kwargs, params, state, to='mixtral',
+                            out_dir=str(tmp_path / 'out'), progress=False)
+  assert json.loads((tmp_path / 'out' / 'config.json').read_text())[
+      'sliding_window'] == 4
+  np.testing.assert_allclose(
+      logits.torch_logits(logits.load_hf(out)),
+      logits.jax_logits(kwargs, params, state), atol=1e-4, rtol=1e-4)
 
 
 # Qwen2 / Qwen3 window only some layers: refused.
